@@ -1,0 +1,275 @@
+"""Start and stop the local stack as plain processes: Redis (when none answers), an MLflow
+server on SQLite, the API and Celery workers. ``make dev`` / ``make stop`` / ``make demo`` and the
+integration tests all use it, so they run the same entry points as docker-compose.
+
+    python -m scripts.stack start [--workers N]
+    python -m scripts.stack stop
+    python -m scripts.stack status
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex((host, port)) != 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def wait_until(check, *, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with code {proc.returncode}:\n{tail}")
+        time.sleep(0.2)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise TimeoutError(f"{what} did not become ready within {timeout:.0f}s\n{tail}")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@dataclass
+class Stack:
+    """A set of local processes; state (pids, ports) is written to ``run_dir/stack.json``."""
+
+    run_dir: Path
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    api_port: int = 8000
+    mlflow_port: int = 5000
+    workers: int = 1
+    worker_concurrency: int = 1
+    queue_name: str = "llm-compare"
+    key_prefix: str = "llmc"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- environment
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            REDIS_URL=self.redis_url,
+            MLFLOW_TRACKING_URI=self.mlflow_url,
+            QUEUE_NAME=self.queue_name,
+            KEY_PREFIX=self.key_prefix,
+            TOKENIZERS_PARALLELISM="false",
+            # This machine reaches no model hub: fail fast instead of waiting on the network.
+            HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
+            HF_DATASETS_OFFLINE=env.get("HF_DATASETS_OFFLINE", "1"),
+            MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK="true",
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(self.extra_env)
+        return env
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.run_dir / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            args, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.pids[name] = proc.pid
+        self._save()
+        return proc
+
+    def log_path(self, name: str) -> Path:
+        return self.run_dir / f"{name}.log"
+
+    # ---------------------------------------------------------------- services
+    def start_redis(self) -> None:
+        if redis_answers(self.redis_url):
+            return
+        parsed = urlparse(self.redis_url)
+        port = parsed.port or 6379
+        if not shutil.which("redis-server"):
+            raise RuntimeError(f"No Redis answers at {self.redis_url} and redis-server is not installed")
+        proc = self._spawn(
+            "redis",
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+             "--dir", str(self.run_dir)],
+        )
+        wait_until(lambda: redis_answers(self.redis_url), timeout=15, what="redis-server", proc=proc,
+                   log=self.log_path("redis"))
+
+    def start_mlflow(self) -> None:
+        if http_ok(f"{self.mlflow_url}/health"):
+            return
+        data = self.run_dir / "mlflow"
+        data.mkdir(parents=True, exist_ok=True)
+        proc = self._spawn(
+            "mlflow",
+            [str(VENV_BIN / "mlflow"), "server",
+             "--backend-store-uri", f"sqlite:///{data / 'mlflow.db'}",
+             "--serve-artifacts", "--artifacts-destination", str(data / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(self.mlflow_port), "--workers", "2"],
+        )
+        wait_until(lambda: http_ok(f"{self.mlflow_url}/health"), timeout=120, what="mlflow server", proc=proc,
+                   log=self.log_path("mlflow"))
+
+    def start_api(self) -> None:
+        proc = self._spawn(
+            "api",
+            [str(VENV_BIN / "uvicorn"), "services.api.main:create_app", "--factory",
+             "--host", "127.0.0.1", "--port", str(self.api_port)],
+        )
+        wait_until(lambda: http_ok(f"{self.api_url}/healthz"), timeout=30, what="API", proc=proc,
+                   log=self.log_path("api"))
+
+    def start_worker(self, index: int) -> subprocess.Popen:
+        name = f"worker{index}"
+        return self._spawn(
+            name,
+            [str(VENV_BIN / "celery"), "-A", "services.worker.celery_app", "worker",
+             "--loglevel", "INFO", "--pool", "prefork", "--concurrency", str(self.worker_concurrency),
+             "--hostname", f"{name}-{self.queue_name}@%h", "--queues", self.queue_name, "--without-gossip",
+             "--without-mingle"],
+        )
+
+    def wait_workers(self, timeout: float = 90) -> None:
+        for index in range(self.workers):
+            log = self.log_path(f"worker{index}")
+            wait_until(lambda log=log: log.exists() and " ready." in log.read_text(), timeout=timeout,
+                       what=f"worker{index}", log=log)
+
+    def start(self, *, api: bool = True, workers: bool = True) -> None:
+        self.start_redis()
+        self.start_mlflow()
+        if workers:
+            for index in range(self.workers):
+                self.start_worker(index)
+        if api:
+            self.start_api()
+        if workers:
+            self.wait_workers()
+
+    # ---------------------------------------------------------------- stop
+    def stop(self, names: list[str] | None = None) -> None:
+        for name, pid in list(self.pids.items()):
+            if names is not None and name not in names:
+                continue
+            _terminate(pid)
+            del self.pids[name]
+        self._save()
+
+    def _save(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "stack.json").write_text(
+            json.dumps({"pids": self.pids, "api_url": self.api_url, "mlflow_url": self.mlflow_url,
+                        "redis_url": self.redis_url}, indent=2)
+        )
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Stack:
+        stack = cls(run_dir=run_dir)
+        state_file = run_dir / "stack.json"
+        if state_file.exists():
+            stack.pids = {k: int(v) for k, v in json.loads(state_file.read_text())["pids"].items()}
+        return stack
+
+
+def _terminate(pid: int, timeout: float = 15) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        try:  # reap if it is our child
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "1")))
+    parser.add_argument("--run-dir", type=Path, default=ROOT / ".run")
+    args = parser.parse_args()
+    if args.command == "start":
+        existing = Stack.load(args.run_dir)
+        if existing.pids:
+            existing.stop()
+        stack = Stack(
+            run_dir=args.run_dir,
+            redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+            workers=args.workers,
+        )
+        stack.start()
+        print(f"API     {stack.api_url}  (docs: {stack.api_url}/docs)")
+        print(f"MLflow  {stack.mlflow_url}")
+        print(f"Redis   {stack.redis_url}")
+        print(f"Logs    {args.run_dir}/*.log   stop with: make stop")
+    elif args.command == "stop":
+        stack = Stack.load(args.run_dir)
+        names = list(stack.pids)
+        stack.stop()
+        print("stopped: " + (", ".join(names) if names else "nothing was running"))
+    else:
+        stack = Stack.load(args.run_dir)
+        for name, pid in stack.pids.items():
+            alive = True
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive = False
+            print(f"{name:10s} pid {pid:7d} {'running' if alive else 'gone'}")
+
+
+if __name__ == "__main__":
+    main()

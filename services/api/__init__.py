@@ -1,0 +1,1 @@
+"""The HTTP gateway: validates comparisons, stores them in Redis and queues them for workers."""

@@ -1,0 +1,75 @@
+"""App factory for the gateway: ``uvicorn services.api.main:create_app --factory``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from services.api.errors import PayloadTooLarge, install_error_handlers
+from services.api.queue import Publisher
+from services.api.routes import catalog, comparisons, health
+from shared.settings import Settings, get_settings
+from shared.store import ComparisonStore
+
+
+class BodySizeLimit:
+    """Refuse bodies whose declared length exceeds the limit before reading them."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", []):
+                if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                    error = PayloadTooLarge(
+                        f"The request body is {int(value)} bytes; the limit is {self.max_bytes} "
+                        "(setting MAX_BODY_BYTES): split the dataset"
+                    )
+                    await JSONResponse(error.body(), status_code=413)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.store = ComparisonStore.from_url(
+            settings.redis_url, prefix=settings.key_prefix, ttl_s=settings.result_ttl_s
+        )
+        app.state.publisher = Publisher(settings)
+        yield
+        app.state.publisher.close()
+        app.state.store.r.close()
+
+    app = FastAPI(
+        title="llm-compare",
+        version="0.1.0",
+        description="Compare large language models side by side: submit candidates × prompts × "
+        "metrics, read outputs and metrics here and in MLflow.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+
+    @app.exception_handler(RedisError)
+    async def _redis_down(_: Request, exc: RedisError) -> JSONResponse:
+        return JSONResponse(
+            {"error": "unavailable", "message": f"The state store (Redis) is unavailable; retry later ({exc})",
+             "fields": []},
+            status_code=503,
+        )
+
+    app.include_router(health.router)
+    app.include_router(catalog.router)
+    app.include_router(comparisons.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

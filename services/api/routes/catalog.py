@@ -1,0 +1,39 @@
+"""What a client can ask for: models and metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from shared.catalog import CATALOG
+from shared.metrics import METRICS
+from shared.schemas import MetricRead, ModelRead
+
+router = APIRouter(prefix="/v1", tags=["catalog"])
+
+
+@router.get("/models", response_model=list[ModelRead])
+def list_models() -> list[ModelRead]:
+    return [
+        ModelRead(
+            name=entry.name,
+            description=entry.description,
+            source=entry.source,
+            hub_id=entry.hub_id,
+            available_offline=entry.packaged_path() is not None,
+        )
+        for entry in CATALOG.values()
+    ]
+
+
+@router.get("/metrics", response_model=list[MetricRead])
+def list_metrics() -> list[MetricRead]:
+    return [
+        MetricRead(
+            name=info.name,
+            description=info.description,
+            greater_is_better=info.greater_is_better,
+            needs_reference=info.needs_reference,
+            default=info.default,
+        )
+        for info in METRICS.values()
+    ]

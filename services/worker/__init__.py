@@ -1,0 +1,1 @@
+"""Celery workers: load candidate models, generate outputs, score them with mlflow.evaluate()."""

@@ -1,0 +1,36 @@
+"""The worker's Celery app: ``celery -A services.worker.celery_app worker``.
+
+Nothing heavy happens at import: models load lazily inside each worker process (child), never in
+the prefork parent, because CUDA and tokenizer thread pools do not survive a fork.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must be set before any tokenizer is created and before the pool forks: a Rust thread pool
+# started in the parent deadlocks the children.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Logging models offline would otherwise run a pip dry run against the registry.
+os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
+
+import structlog  # noqa: E402
+from celery import Celery, signals  # noqa: E402
+
+from shared.celery_config import celery_config  # noqa: E402
+from shared.settings import get_settings  # noqa: E402
+
+log = structlog.get_logger()
+
+app = Celery("llm-compare-worker")
+app.conf.update(celery_config(get_settings()))
+app.conf.imports = ("services.worker.tasks",)
+
+
+@signals.worker_process_init.connect
+def _configure_torch(**_: object) -> None:
+    threads = get_settings().torch_threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)

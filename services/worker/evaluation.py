@@ -1,0 +1,103 @@
+"""Scoring generated outputs with ``mlflow.evaluate()`` inside the candidate's MLflow run."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import pandas as pd
+
+from services.worker.generation import Generated
+from services.worker.metrics import build_metrics, model_type_builtins
+
+_ROW_COLUMNS_RESERVED = {"inputs", "prompt", "output", "reference", "output_token_count", "latency_s", "row_index"}
+
+
+def _metric_key(metric: Any) -> str:
+    """The name MLflow logs a metric under: ``name`` or ``name/version``."""
+    return f"{metric.name}/{metric.version}" if getattr(metric, "version", None) else metric.name
+
+
+def _has_reference(row: dict[str, Any]) -> bool:
+    value = row.get("reference")
+    return value is not None and str(value).strip() != ""
+
+
+def build_frame(
+    rows: list[dict[str, Any]], user_texts: list[str], prompts: list[str], generated: list[Generated]
+) -> pd.DataFrame:
+    frame: dict[str, list[Any]] = {
+        "row_index": list(range(len(rows))),
+        "inputs": user_texts,
+        "prompt": prompts,
+        "output": [g.output for g in generated],
+        "output_token_count": [g.output_tokens for g in generated],
+        "latency_s": [g.latency_s for g in generated],
+    }
+    if any(_has_reference(row) for row in rows):
+        frame["reference"] = [None if row.get("reference") is None else str(row["reference"]) for row in rows]
+    extra = [k for k in rows[0] if k not in ("input", "reference") and k not in _ROW_COLUMNS_RESERVED]
+    for key in extra:
+        frame[key] = [row.get(key) for row in rows]
+    return pd.DataFrame(frame)
+
+
+def evaluate_outputs(
+    *,
+    run_id: str,
+    experiment_id: str,
+    rows: list[dict[str, Any]],
+    user_texts: list[str],
+    prompts: list[str],
+    generated: list[Generated],
+    metric_names: list[str],
+    model_type: str | None,
+) -> dict[str, Any]:
+    """Run mlflow.evaluate on the outputs; return aggregates and per-row scores by metric name."""
+    import mlflow
+
+    data = build_frame(rows, user_texts, prompts, generated)
+    registry_metrics = dict(zip(metric_names, build_metrics(metric_names), strict=True))
+    builtins, skipped = model_type_builtins(model_type, metric_names)
+    named = {**registry_metrics, **{m.name: m for m in builtins}}
+    with_targets = all(_has_reference(row) for row in rows)
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        # model_type stays None: its default metrics would be added and, offline, fail the whole
+        # call. The ones that can run here were probed and are passed explicitly instead.
+        result = mlflow.evaluate(
+            data=data,
+            predictions="output",
+            targets="reference" if with_targets else None,
+            model_type=None,
+            extra_metrics=list(named.values()),
+            evaluators="default",
+        )
+    # result.tables looks the run up in the *active* experiment, which a worker never sets;
+    # reading the logged table by experiment and run id is exact.
+    table = mlflow.MlflowClient().load_table(experiment_id, "eval_results_table.json", run_ids=[run_id])
+    if "row_index" in table.columns:
+        table = table.sort_values("row_index").reset_index(drop=True)
+    row_scores: list[dict[str, float | None]] = [{} for _ in rows]
+    for name, metric in named.items():
+        column = f"{_metric_key(metric)}/score"
+        if column not in table.columns:
+            continue
+        for i, value in enumerate(table[column].tolist()):
+            row_scores[i][name] = _clean(value)
+    aggregates: dict[str, dict[str, float]] = {}
+    for name, metric in named.items():
+        prefix = f"{_metric_key(metric)}/"
+        values = {k[len(prefix):]: _clean(v) for k, v in result.metrics.items() if k.startswith(prefix)}
+        aggregates[name] = {k: v for k, v in values.items() if v is not None}
+    means = {name: agg["mean"] for name, agg in aggregates.items() if "mean" in agg}
+    return {"metrics": means, "aggregates": aggregates, "row_scores": row_scores, "skipped_builtins": skipped}
+
+
+def _clean(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) or math.isinf(number) else number

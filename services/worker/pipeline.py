@@ -1,0 +1,345 @@
+"""What the worker does for a comparison, as plain functions the Celery tasks call.
+
+start_comparison   -> creates the MLflow parent run, fans out one task per candidate
+run_candidate      -> loads the model, generates, runs mlflow.evaluate() in a nested run
+finalize_comparison-> once every candidate has ended, writes the summary on the parent run
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from services.worker import tracking
+from services.worker.errors import is_transient
+from services.worker.generation import (
+    GenerationCancelled,
+    generate_outputs,
+    render_prompt,
+    render_user_text,
+    wants_chat_template,
+)
+from services.worker.models import ModelCache, ModelLoadError
+from services.worker.summary import build_summary, render_html
+from shared.schemas import (
+    FINAL_CANDIDATE_STATES,
+    CandidateSpec,
+    CandidateState,
+    ComparisonStatus,
+)
+from shared.settings import Settings
+from shared.store import ComparisonStore, utcnow
+from shared.tasks import FINALIZE_COMPARISON, RUN_CANDIDATE
+
+log = structlog.get_logger()
+
+Dispatch = Callable[[str, dict[str, Any], str], None]
+_MAX_PARAM_CHARS = 6000
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    store: ComparisonStore
+    models: ModelCache
+    # Sends a task by name with kwargs and a task id chosen by the caller.
+    dispatch: Dispatch
+
+
+# ---------------------------------------------------------------------------------------- start
+def start_comparison(ctx: WorkerContext, comparison_id: str) -> str:
+    store = ctx.store
+    if store.status(comparison_id).is_final:
+        log.info("comparison.skip_start", comparison_id=comparison_id, status=store.status(comparison_id).value)
+        return "skipped"
+    if store.transition(comparison_id, ComparisonStatus.running, allowed_from=[ComparisonStatus.queued]):
+        store.set_fields(comparison_id, started_at=utcnow())
+    record = store.get(comparison_id)
+    spec = record["spec"]
+    client = tracking.client(ctx.settings.mlflow_tracking_uri)
+    experiment_id = tracking.ensure_experiment(client, spec["experiment"])
+    parent_run_id = tracking.ensure_parent_run(
+        client, experiment_id=experiment_id, comparison_id=comparison_id, name=spec["name"], tags=spec["tags"]
+    )
+    store.set_fields(comparison_id, experiment_id=experiment_id, parent_run_id=parent_run_id)
+    _log_params(
+        client,
+        parent_run_id,
+        {
+            "name": spec["name"],
+            "model_type": spec.get("model_type"),
+            "metrics": ",".join(spec["metrics"]),
+            "rows": record["rows"],
+            "candidates": ",".join(c["label"] for c in spec["candidates"]),
+        },
+    )
+    client.log_dict(parent_run_id, store.rows(comparison_id), "dataset.json")
+    client.log_dict(parent_run_id, spec, "comparison_spec.json")
+
+    already = store.task_ids(comparison_id)
+    for candidate in spec["candidates"]:
+        label = candidate["label"]
+        if label in already:  # a redelivered start task: that candidate is already queued
+            continue
+        task_id = uuid.uuid4().hex
+        store.record_task(comparison_id, label, task_id)
+        ctx.dispatch(RUN_CANDIDATE, {"comparison_id": comparison_id, "label": label}, task_id)
+    log.info("comparison.started", comparison_id=comparison_id, experiment_id=experiment_id,
+             parent_run_id=parent_run_id)
+    return "started"
+
+
+# ------------------------------------------------------------------------------------ candidate
+def run_candidate(ctx: WorkerContext, comparison_id: str, label: str) -> str:
+    store = ctx.store
+    lock_key = f"{store.prefix}:lock:{comparison_id}:{label}"
+    # Two deliveries of the same candidate (a redelivered start) must not run side by side.
+    if not store.r.set(lock_key, "1", nx=True, ex=ctx.settings.task_time_limit_s):
+        log.info("candidate.duplicate_delivery", comparison_id=comparison_id, label=label)
+        return "duplicate"
+    try:
+        outcome = _run_candidate_locked(ctx, comparison_id, label)
+    finally:
+        store.r.delete(lock_key)
+    candidate_ended(ctx, comparison_id, label)
+    return outcome
+
+
+def _run_candidate_locked(ctx: WorkerContext, comparison_id: str, label: str) -> str:
+    store = ctx.store
+    state = CandidateState(store.candidate(comparison_id, label)["status"])
+    if state in FINAL_CANDIDATE_STATES:
+        return state.value
+    if store.status(comparison_id) is ComparisonStatus.cancelled:
+        store.transition_candidate(comparison_id, label, CandidateState.cancelled,
+                                   allowed_from=[CandidateState.queued, CandidateState.running])
+        return "cancelled"
+    store.transition_candidate(comparison_id, label, CandidateState.running,
+                               allowed_from=[CandidateState.queued, CandidateState.running])
+    record = store.get(comparison_id)
+    spec = record["spec"]
+    candidate = CandidateSpec.model_validate(next(c for c in spec["candidates"] if c["label"] == label))
+    rows = store.rows(comparison_id)
+    client = tracking.client(ctx.settings.mlflow_tracking_uri)
+    run_id = tracking.ensure_candidate_run(
+        client,
+        experiment_id=record["experiment_id"],
+        parent_run_id=record["parent_run_id"],
+        comparison_id=comparison_id,
+        label=label,
+    )
+    store.set_candidate_fields(comparison_id, label, run_id=run_id)
+    log.info("candidate.started", comparison_id=comparison_id, label=label, model=candidate.model, run_id=run_id)
+    try:
+        scored = _generate_and_evaluate(ctx, comparison_id=comparison_id, candidate=candidate, rows=rows,
+                                        spec=spec, run_id=run_id, experiment_id=record["experiment_id"])
+    except GenerationCancelled:
+        store.transition_candidate(comparison_id, label, CandidateState.cancelled,
+                                   allowed_from=[CandidateState.running])
+        client.set_terminated(run_id, status="KILLED")
+        log.info("candidate.cancelled", comparison_id=comparison_id, label=label)
+        return "cancelled"
+    except Exception as exc:  # noqa: BLE001
+        if is_transient(exc):
+            raise  # the task retries with back-off
+        # Whatever went wrong with this candidate (missing weights, out of memory, a template
+        # the tokenizer rejects) ends it with a readable error; the other candidates go on.
+        message = _describe(exc)
+        fail_candidate(ctx, comparison_id, label, message)
+        client.set_tag(run_id, "llm_compare.error", message[:5000])
+        client.set_terminated(run_id, status="FAILED")
+        log.warning("candidate.failed", comparison_id=comparison_id, label=label, error=message)
+        return "failed"
+    store.set_candidate_fields(comparison_id, label, metrics=scored["metrics"], aggregates=scored["aggregates"])
+    store.transition_candidate(comparison_id, label, CandidateState.succeeded,
+                               allowed_from=[CandidateState.running])
+    client.set_terminated(run_id, status="FINISHED")
+    log.info("candidate.finished", comparison_id=comparison_id, label=label, rows=len(rows),
+             metrics=scored["metrics"])
+    return "succeeded"
+
+
+def fail_candidate(ctx: WorkerContext, comparison_id: str, label: str, message: str) -> None:
+    ctx.store.transition_candidate(
+        comparison_id, label, CandidateState.failed,
+        allowed_from=[CandidateState.queued, CandidateState.running], error=message,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ModelLoadError):
+        return str(exc)
+    name = type(exc).__name__
+    if name == "OutOfMemoryError":
+        return f"out of memory while generating: {exc}; lower GENERATION_BATCH_SIZE or max_new_tokens"
+    return f"{name}: {exc}"
+
+
+def _generate_and_evaluate(
+    ctx: WorkerContext,
+    *,
+    comparison_id: str,
+    candidate: CandidateSpec,
+    rows: list[dict[str, Any]],
+    spec: dict[str, Any],
+    run_id: str,
+    experiment_id: str,
+) -> dict[str, Any]:
+    import mlflow
+
+    store = ctx.store
+    label = candidate.label
+    started = time.perf_counter()
+    loaded = ctx.models.get(candidate.model, revision=candidate.revision, settings=ctx.settings)
+    load_seconds = time.perf_counter() - started
+    chat = wants_chat_template(candidate, loaded)
+    prompts = [render_prompt(candidate, loaded, row, chat=chat) for row in rows]
+    store.set_progress(comparison_id, label, done=0, total=len(rows))
+
+    def on_batch(done: int) -> None:
+        store.set_progress(comparison_id, label, done=done, total=len(rows))
+        if store.status(comparison_id) is ComparisonStatus.cancelled:
+            raise GenerationCancelled()
+
+    started = time.perf_counter()
+    generated = generate_outputs(
+        candidate=candidate, loaded=loaded, prompts=prompts,
+        batch_size=ctx.settings.generation_batch_size, on_batch=on_batch,
+    )
+    generation_seconds = time.perf_counter() - started
+    # Outputs are kept even if scoring fails below, so /results can still show them.
+    store.save_outputs(comparison_id, label, [{"output": g.output, "scores": {}} for g in generated])
+
+    from services.worker.evaluation import evaluate_outputs
+
+    params = {
+        "model": candidate.model,
+        "model_source": loaded.source.kind.value,
+        "model_resolved": loaded.resolved,
+        "revision": candidate.revision,
+        "device": loaded.device,
+        "dtype": loaded.dtype,
+        "seq2seq": loaded.is_seq2seq,
+        "prompt_template": candidate.prompt_template,
+        "system_prompt": candidate.system_prompt,
+        "use_chat_template": candidate.use_chat_template,
+        "chat_template_applied": chat,
+        "batch_size": ctx.settings.generation_batch_size,
+        "model_type": spec.get("model_type"),
+        **{f"generation.{k}": v for k, v in candidate.generation.model_dump().items()},
+        **loaded.params,
+    }
+    client = tracking.client(ctx.settings.mlflow_tracking_uri)
+    _log_params(client, run_id, params)
+    total_tokens = sum(g.output_tokens for g in generated)
+    client.log_metric(run_id, "load_seconds", load_seconds)
+    client.log_metric(run_id, "generation_seconds", generation_seconds)
+    client.log_metric(run_id, "tokens_per_second", total_tokens / generation_seconds if generation_seconds else 0.0)
+
+    mlflow.set_tracking_uri(ctx.settings.mlflow_tracking_uri)
+    scored = evaluate_outputs(
+        run_id=run_id,
+        experiment_id=experiment_id,
+        rows=rows,
+        user_texts=[render_user_text(candidate.prompt_template, row) for row in rows],
+        prompts=prompts,
+        generated=generated,
+        metric_names=spec["metrics"],
+        model_type=spec.get("model_type"),
+    )
+    if scored["skipped_builtins"]:
+        _log_params(client, run_id, {"model_type_metrics_skipped": ",".join(scored["skipped_builtins"])})
+    store.save_outputs(
+        comparison_id, label,
+        [{"output": g.output, "scores": s} for g, s in zip(generated, scored["row_scores"], strict=True)],
+    )
+    return scored
+
+
+def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+
+    entries = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in params.items() if v is not None]
+    try:
+        client.log_batch(run_id, params=entries)
+    except MlflowException as exc:
+        # A redelivered task re-logs the same params; MLflow refuses only changed values.
+        if "Changing param values is not allowed" not in str(exc):
+            raise
+
+
+# ------------------------------------------------------------------------------------- finalize
+def candidate_ended(ctx: WorkerContext, comparison_id: str, label: str) -> None:
+    """Count a candidate as ended; the last one to end queues the summary step, exactly once."""
+    spec = ctx.store.spec(comparison_id)
+    newly, count = ctx.store.mark_ended(comparison_id, label)
+    if newly and count >= len(spec["candidates"]):
+        ctx.dispatch(FINALIZE_COMPARISON, {"comparison_id": comparison_id}, uuid.uuid4().hex)
+
+
+def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
+    store = ctx.store
+    record = store.get(comparison_id)
+    spec = record["spec"]
+    labels = [c["label"] for c in spec["candidates"]]
+    candidates = store.candidates(comparison_id, labels)
+    states = [CandidateState(c["status"]) for c in candidates]
+    succeeded = sum(s is CandidateState.succeeded for s in states)
+    if succeeded == len(states):
+        outcome = ComparisonStatus.succeeded
+    elif succeeded:
+        outcome = ComparisonStatus.partially_failed
+    else:
+        outcome = ComparisonStatus.failed
+    failed_errors = [f"{c['label']}: {c.get('error')}" for c in candidates if c["status"] == CandidateState.failed.value]
+
+    summary = build_summary(
+        comparison_id=comparison_id,
+        spec=spec,
+        rows=store.rows(comparison_id),
+        candidates=candidates,
+        outputs={label: store.outputs(comparison_id, label) for label in labels},
+    )
+    parent_run_id = record.get("parent_run_id")
+    if parent_run_id:
+        from mlflow.entities import Metric
+
+        client = tracking.client(ctx.settings.mlflow_tracking_uri)
+        client.log_dict(parent_run_id, summary, "comparison_summary.json")
+        client.log_text(parent_run_id, render_html(summary), "comparison_summary.html")
+        now_ms = int(time.time() * 1000)
+        metrics = [
+            Metric(f"{c['label']}/{name}", float(value), now_ms, 0)
+            for c in candidates
+            for name, value in (c.get("metrics") or {}).items()
+            if value is not None
+        ]
+        if metrics:
+            client.log_batch(parent_run_id, metrics=metrics)
+        final_status = store.status(comparison_id)
+        run_status = "KILLED" if final_status is ComparisonStatus.cancelled else (
+            "FINISHED" if outcome is not ComparisonStatus.failed else "FAILED")
+        client.set_terminated(parent_run_id, status=run_status)
+    if not store.transition(comparison_id, outcome, allowed_from=[ComparisonStatus.running, ComparisonStatus.queued]):
+        log.info("comparison.final_status_kept", comparison_id=comparison_id, status=store.status(comparison_id).value)
+    if failed_errors and outcome is not ComparisonStatus.succeeded:
+        store.set_fields(comparison_id, error="; ".join(failed_errors)[:2000])
+    log.info("comparison.finished", comparison_id=comparison_id, status=store.status(comparison_id).value)
+    return store.status(comparison_id).value
+
+
+def fail_comparison(ctx: WorkerContext, comparison_id: str, message: str) -> None:
+    """The start step could not run (e.g. MLflow unreachable after retries): end it visibly."""
+    store = ctx.store
+    if store.transition(comparison_id, ComparisonStatus.failed,
+                        allowed_from=[ComparisonStatus.queued, ComparisonStatus.running]):
+        store.set_fields(comparison_id, error=message)
+        for candidate in store.spec(comparison_id)["candidates"]:
+            fail_candidate(ctx, comparison_id, candidate["label"], f"comparison could not start: {message}")
+

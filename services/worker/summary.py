@@ -1,0 +1,97 @@
+"""The comparison summary logged on the parent run: JSON for machines, HTML for people."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from shared.metrics import METRICS
+from shared.results import side_by_side
+
+
+def build_summary(
+    *,
+    comparison_id: str,
+    spec: dict[str, Any],
+    rows: list[dict[str, Any]],
+    candidates: list[dict[str, Any]],
+    outputs: dict[str, list[dict[str, Any]] | None],
+) -> dict[str, Any]:
+    labels = [c["label"] for c in spec["candidates"]]
+    return {
+        "id": comparison_id,
+        "name": spec["name"],
+        "experiment": spec["experiment"],
+        "model_type": spec.get("model_type"),
+        "metrics": spec["metrics"],
+        "candidates": [
+            {
+                "label": c["label"],
+                "model": c["model"],
+                "status": c["status"],
+                "error": c.get("error"),
+                "mlflow_run_id": c.get("run_id"),
+                "metrics": c.get("metrics") or {},
+            }
+            for c in candidates
+        ],
+        "rows": side_by_side(rows, labels, outputs),
+    }
+
+
+def _best(summary: dict[str, Any], metric: str) -> str | None:
+    info = METRICS.get(metric)
+    values = {c["label"]: c["metrics"].get(metric) for c in summary["candidates"]}
+    values = {k: v for k, v in values.items() if v is not None}
+    if not values or info is None or len(set(values.values())) == 1:
+        return None
+    pick = max if info.greater_is_better else min
+    return pick(values, key=lambda label: values[label])
+
+
+def render_html(summary: dict[str, Any]) -> str:
+    e = html.escape
+    labels = [c["label"] for c in summary["candidates"]]
+    metric_names = list(dict.fromkeys(m for c in summary["candidates"] for m in c["metrics"]))
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{e(summary['name'])}</title>",
+        "<style>body{font-family:system-ui,sans-serif;margin:1.5rem}table{border-collapse:collapse;"
+        "margin-bottom:1.5rem}td,th{border:1px solid #ccc;padding:.35rem .6rem;vertical-align:top;"
+        "text-align:left}th{background:#f3f3f3}.best{background:#e3f6e3;font-weight:600}"
+        ".failed{color:#a00}.out{white-space:pre-wrap;max-width:32rem}</style></head><body>",
+        f"<h1>{e(summary['name'])}</h1>",
+        f"<p>Comparison <code>{e(summary['id'])}</code> · experiment <b>{e(summary['experiment'])}</b>"
+        f" · {len(summary['rows'])} rows</p>",
+        "<h2>Metrics</h2><table><tr><th>candidate</th><th>model</th><th>status</th>",
+    ]
+    for name in metric_names:
+        arrow = "↑" if METRICS.get(name) and METRICS[name].greater_is_better else "↓"
+        parts.append(f"<th>{e(name)} {arrow}</th>")
+    parts.append("</tr>")
+    best = {name: _best(summary, name) for name in metric_names}
+    for c in summary["candidates"]:
+        status = e(c["status"]) + (f"<div class='failed'>{e(c['error'] or '')}</div>" if c.get("error") else "")
+        parts.append(f"<tr><td>{e(c['label'])}</td><td>{e(c['model'])}</td><td>{status}</td>")
+        for name in metric_names:
+            value = c["metrics"].get(name)
+            cls = " class='best'" if best[name] == c["label"] else ""
+            parts.append(f"<td{cls}>{'' if value is None else f'{value:.4g}'}</td>")
+        parts.append("</tr>")
+    parts.append("</table><h2>Outputs side by side</h2><table><tr><th>#</th><th>input</th><th>reference</th>")
+    parts += [f"<th>{e(label)}</th>" for label in labels]
+    parts.append("</tr>")
+    for row in summary["rows"]:
+        parts.append(
+            f"<tr><td>{row['index']}</td><td class='out'>{e(row['input'])}</td>"
+            f"<td class='out'>{e(row['reference'] or '')}</td>"
+        )
+        for label in labels:
+            out = row["outputs"][label]
+            scores = ", ".join(f"{k}={v:.3g}" for k, v in out["scores"].items() if v is not None)
+            parts.append(
+                f"<td class='out'>{e(out['output'] or '')}<br><small>{e(scores)}</small></td>"
+            )
+        parts.append("</tr>")
+    parts.append("</table></body></html>")
+    return "".join(parts)

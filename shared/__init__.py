@@ -1,0 +1,1 @@
+"""Code shared by the llm-compare gateway and workers: schemas, settings, task names, state."""

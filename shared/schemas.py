@@ -1,0 +1,194 @@
+"""Request and response models of the public HTTP contract, named by role."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+ModelType = Literal["text", "question-answering", "text-summarization"]
+
+
+class ComparisonStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    partially_failed = "partially_failed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_COMPARISON_STATUSES
+
+
+FINAL_COMPARISON_STATUSES = frozenset(
+    {
+        ComparisonStatus.succeeded,
+        ComparisonStatus.partially_failed,
+        ComparisonStatus.failed,
+        ComparisonStatus.cancelled,
+    }
+)
+
+
+class CandidateState(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+FINAL_CANDIDATE_STATES = frozenset(
+    {CandidateState.succeeded, CandidateState.failed, CandidateState.cancelled}
+)
+
+
+class GenerationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(64, ge=1, description="Upper bound on generated tokens per row.")
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(50, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    seed: int = Field(0, ge=0)
+
+
+class CandidateSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field(pattern=LABEL_PATTERN, description="Unique name of this candidate.")
+    model: str = Field(
+        min_length=1,
+        description="Catalog name, Hugging Face hub id, local directory, .gguf file path, "
+        "or models:/ / runs:/ MLflow URI.",
+    )
+    revision: str | None = None
+    prompt_template: str = "{input}"
+    system_prompt: str | None = None
+    use_chat_template: Literal["auto"] | bool = "auto"
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_input(cls, value: str) -> str:
+        if "{input}" not in value:
+            raise ValueError(
+                "prompt_template must contain the placeholder {input}, where each row's input goes"
+            )
+        return value
+
+
+class DatasetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rows: list[dict[str, Any]]
+
+
+class ComparisonCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("comparison", min_length=1, max_length=200)
+    experiment: str | None = Field(None, min_length=1, max_length=200)
+    model_type: ModelType | None = None
+    candidates: list[CandidateSpec]
+    dataset: DatasetSpec
+    metrics: list[str] | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class Progress(BaseModel):
+    done: int = 0
+    total: int = 0
+
+
+class CandidateStatus(BaseModel):
+    label: str
+    model: str
+    status: CandidateState
+    progress: Progress
+    metrics: dict[str, float] = Field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    mlflow_run_url: str | None = None
+    error: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class MlflowLinks(BaseModel):
+    experiment_id: str | None = None
+    parent_run_id: str | None = None
+    url: str | None = None
+
+
+class ComparisonRead(BaseModel):
+    id: str
+    name: str
+    status: ComparisonStatus
+    experiment: str
+    model_type: ModelType | None
+    metrics: list[str]
+    tags: dict[str, str]
+    rows: int
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    mlflow: MlflowLinks
+    candidates: list[CandidateStatus]
+    error: str | None = None
+
+
+class ComparisonPage(BaseModel):
+    items: list[ComparisonRead]
+    total: int
+    limit: int
+    offset: int
+
+
+class CandidateOutput(BaseModel):
+    output: str | None
+    scores: dict[str, float | None] = Field(default_factory=dict)
+
+
+class ResultRow(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    index: int
+    input: str
+    reference: str | None = None
+    outputs: dict[str, CandidateOutput]
+
+
+class ComparisonResults(BaseModel):
+    id: str
+    status: ComparisonStatus
+    candidates: list[str]
+    rows: list[ResultRow]
+
+
+class ModelRead(BaseModel):
+    name: str
+    description: str
+    source: str
+    hub_id: str | None = None
+    available_offline: bool
+
+
+class MetricRead(BaseModel):
+    name: str
+    description: str
+    greater_is_better: bool
+    needs_reference: bool
+    default: bool
+
+
+def template_fields(template: str) -> set[str]:
+    """Placeholders named in a prompt template (``{input}``, ``{context}``...)."""
+    return set(re.findall(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})", template))

@@ -1,0 +1,69 @@
+"""Typed settings shared by the gateway and the workers.
+
+Every knob is read once from the environment (UPPER_CASE names) and validated at start-up.
+MLflow's own ``MLFLOW_TRACKING_URI`` is reused rather than inventing a twin.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
+
+    # Infrastructure
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    mlflow_tracking_uri: str = "http://127.0.0.1:5000"
+    # The address people open in a browser; differs from the tracking URI inside compose,
+    # where workers reach the server as http://mlflow:5000.
+    mlflow_public_url: str | None = None
+    queue_name: str = "llm-compare"
+    key_prefix: str = "llmc"
+
+    # Limits enforced at submit time
+    max_candidates: int = Field(8, ge=2)
+    max_rows: int = Field(2000, ge=1)
+    max_new_tokens: int = Field(1024, ge=1)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_prompt_chars: int = Field(20_000, ge=1)
+    default_experiment: str = "llm-compare"
+
+    # Local paths a candidate may load from (directories or .gguf files below these).
+    model_roots: list[Path] = Field(default_factory=lambda: [Path("/models")])
+
+    # Worker behaviour
+    # De-quantised copies of GGUF files, so each file is converted once per host.
+    model_cache_dir: Path = Path.home() / ".cache" / "llm-compare" / "models"
+    generation_batch_size: int = Field(8, ge=1)
+    torch_threads: int | None = None
+    # Longest a single candidate task may run; the broker's visibility timeout sits above it
+    # so that a task is only redelivered when its worker really died.
+    task_time_limit_s: int = Field(3 * 3600, ge=60)
+    task_max_retries: int = Field(3, ge=0)
+    result_ttl_s: int = Field(30 * 24 * 3600, ge=60)
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        # MODEL_ROOTS=/models:/data/models, like PATH; JSON lists work too.
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [part for part in value.split(":") if part]
+        return value
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        return self.task_time_limit_s + 600
+
+    @property
+    def mlflow_ui_url(self) -> str:
+        return (self.mlflow_public_url or self.mlflow_tracking_uri).rstrip("/")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
