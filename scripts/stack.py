@@ -10,6 +10,7 @@ integration tests all use it, so they run the same entry points as docker-compos
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -47,7 +48,9 @@ def redis_answers(url: str) -> bool:
         return False
 
 
-def wait_until(check, *, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+def wait_until(
+    check, *, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None
+):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -121,6 +124,24 @@ class Stack:
     def log_path(self, name: str) -> Path:
         return self.run_dir / f"{name}.log"
 
+    # ---------------------------------------------------------------- commands
+    # Built apart from the spawning so that docker-compose.yml can be checked against them.
+    def mlflow_command(self, backend_uri: str, artifacts_dir: Path | str, host: str, port: int) -> list[str]:
+        return [str(VENV_BIN / "mlflow"), "server",
+                "--backend-store-uri", backend_uri,
+                "--serve-artifacts", "--artifacts-destination", str(artifacts_dir),
+                "--host", host, "--port", str(port), "--workers", "2"]
+
+    def api_command(self, host: str, port: int) -> list[str]:
+        return [str(VENV_BIN / "uvicorn"), "services.api.main:create_app", "--factory",
+                "--host", host, "--port", str(port)]
+
+    def worker_command(self, name: str) -> list[str]:
+        return [str(VENV_BIN / "celery"), "-A", "services.worker.celery_app", "worker",
+                "--loglevel", "INFO", "--pool", "prefork", "--concurrency", str(self.worker_concurrency),
+                "--hostname", f"{name}-{self.queue_name}@%h", "--queues", self.queue_name, "--without-gossip",
+                "--without-mingle"]
+
     # ---------------------------------------------------------------- services
     def start_redis(self) -> None:
         if redis_answers(self.redis_url):
@@ -144,32 +165,20 @@ class Stack:
         data.mkdir(parents=True, exist_ok=True)
         proc = self._spawn(
             "mlflow",
-            [str(VENV_BIN / "mlflow"), "server",
-             "--backend-store-uri", f"sqlite:///{data / 'mlflow.db'}",
-             "--serve-artifacts", "--artifacts-destination", str(data / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(self.mlflow_port), "--workers", "2"],
+            self.mlflow_command(f"sqlite:///{data / 'mlflow.db'}", data / "artifacts", "127.0.0.1",
+                                self.mlflow_port),
         )
         wait_until(lambda: http_ok(f"{self.mlflow_url}/health"), timeout=120, what="mlflow server", proc=proc,
                    log=self.log_path("mlflow"))
 
     def start_api(self) -> None:
-        proc = self._spawn(
-            "api",
-            [str(VENV_BIN / "uvicorn"), "services.api.main:create_app", "--factory",
-             "--host", "127.0.0.1", "--port", str(self.api_port)],
-        )
+        proc = self._spawn("api", self.api_command("127.0.0.1", self.api_port))
         wait_until(lambda: http_ok(f"{self.api_url}/healthz"), timeout=30, what="API", proc=proc,
                    log=self.log_path("api"))
 
     def start_worker(self, index: int) -> subprocess.Popen:
         name = f"worker{index}"
-        return self._spawn(
-            name,
-            [str(VENV_BIN / "celery"), "-A", "services.worker.celery_app", "worker",
-             "--loglevel", "INFO", "--pool", "prefork", "--concurrency", str(self.worker_concurrency),
-             "--hostname", f"{name}-{self.queue_name}@%h", "--queues", self.queue_name, "--without-gossip",
-             "--without-mingle"],
-        )
+        return self._spawn(name, self.worker_command(name))
 
     def wait_workers(self, timeout: float = 90) -> None:
         for index in range(self.workers):
@@ -224,19 +233,17 @@ def _terminate(pid: int, timeout: float = 15) -> None:
             os.killpg(pid, 0)
         except ProcessLookupError:
             return
-        try:  # reap if it is our child
+        with contextlib.suppress(ChildProcessError):  # reap if it is our child
             os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "1")))
     parser.add_argument("--run-dir", type=Path, default=ROOT / ".run")

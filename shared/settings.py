@@ -6,11 +6,13 @@ MLflow's own ``MLFLOW_TRACKING_URI`` is reused rather than inventing a twin.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -34,7 +36,7 @@ class Settings(BaseSettings):
     default_experiment: str = "llm-compare"
 
     # Local paths a candidate may load from (directories or .gguf files below these).
-    model_roots: list[Path] = Field(default_factory=lambda: [Path("/models")])
+    model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [Path("/models")])
 
     # Worker behaviour
     # De-quantised copies of GGUF files, so each file is converted once per host.
@@ -51,7 +53,9 @@ class Settings(BaseSettings):
     @classmethod
     def _split_roots(cls, value: object) -> object:
         # MODEL_ROOTS=/models:/data/models, like PATH; JSON lists work too.
-        if isinstance(value, str) and not value.lstrip().startswith("["):
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
             return [part for part in value.split(":") if part]
         return value
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import string
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -116,7 +117,9 @@ def _probe(name: str) -> EvaluationMetric | None:
     if _probe_cache.get(name) is False:
         return None
     try:
-        metric = getattr(builtins, name)()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the legacy metrics announce deprecation
+            metric = getattr(builtins, name)()
         params = list(_parameters(metric.eval_fn))
         args: list[Any] = [pd.Series(["Paris is the capital of France."])]
         if "targets" in params:

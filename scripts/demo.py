@@ -1,0 +1,117 @@
+"""The bundled demo: start what is not running, submit demo/comparison.json over HTTP, show
+progress, then print the side-by-side table, each candidate's metrics and the MLflow UI URL.
+
+    python -m scripts.demo [--spec demo/comparison.json] [--api http://127.0.0.1:8000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from scripts.stack import ROOT, Stack, http_ok
+from shared.client import ComparisonClient
+
+
+def ensure_stack(api_url: str, run_dir: Path) -> None:
+    if http_ok(f"{api_url}/healthz"):
+        print(f"Using the API already running at {api_url}")
+        return
+    print("Starting the local stack (Redis if needed, MLflow on SQLite, API, one worker)...", flush=True)
+    stack = Stack(run_dir=run_dir, redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    stack.start()
+    print(f"  API {stack.api_url}   MLflow {stack.mlflow_url}   logs {run_dir}/*.log")
+
+
+def progress_line(state: dict[str, Any]) -> str:
+    parts = []
+    for c in state["candidates"]:
+        p = c["progress"]
+        parts.append(f"{c['label']}: {c['status']} {p['done']}/{p['total']}")
+    return f"[{state['status']}] " + " | ".join(parts)
+
+
+def _cell(text: str | None, width: int) -> list[str]:
+    return textwrap.wrap(text or "—", width) or [""]
+
+
+def print_table(results: dict[str, Any]) -> None:
+    labels = results["candidates"]
+    columns = shutil.get_terminal_size((160, 40)).columns
+    width = max(18, (columns - 4 - 3 * (len(labels) + 2)) // (len(labels) + 2))
+    headers = ["input", "reference", *labels]
+    rule = "+" + "+".join("-" * (width + 2) for _ in headers) + "+"
+    print(rule)
+    print("|" + "|".join(f" {h[:width]:<{width}} " for h in headers) + "|")
+    print(rule.replace("-", "="))
+    for row in results["rows"]:
+        cells = [_cell(row["input"], width), _cell(row["reference"], width)]
+        for label in labels:
+            out = row["outputs"][label]
+            text = out["output"]
+            if out["scores"].get("exact_match") is not None:
+                text = f"{text}  [{'✓' if out['scores']['exact_match'] else '✗'}]"
+            cells.append(_cell(text, width))
+        for i in range(max(len(c) for c in cells)):
+            print("|" + "|".join(f" {(c[i] if i < len(c) else ''):<{width}} " for c in cells) + "|")
+        print(rule)
+
+
+def print_metrics(state: dict[str, Any]) -> None:
+    names = list(dict.fromkeys(m for c in state["candidates"] for m in c["metrics"]))
+    print(f"{'candidate':<16}" + "".join(f"{n:>20}" for n in names))
+    for c in state["candidates"]:
+        values = "".join(
+            f"{c['metrics'][n]:>20.4g}" if n in c["metrics"] else f"{'—':>20}" for n in names
+        )
+        print(f"{c['label']:<16}{values}")
+        if c.get("error"):
+            print(f"  error: {c['error']}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--spec", type=Path, default=ROOT / "demo" / "comparison.json")
+    parser.add_argument("--api", default=os.environ.get("API_URL", "http://127.0.0.1:8000"))
+    parser.add_argument("--run-dir", type=Path, default=ROOT / ".run")
+    args = parser.parse_args()
+
+    started = time.monotonic()
+    ensure_stack(args.api, args.run_dir)
+    client = ComparisonClient(args.api)
+    spec = json.loads(args.spec.read_text())
+    created = client.submit(spec)
+    print(f"Submitted comparison {created['id']} ({len(spec['candidates'])} candidates × "
+          f"{len(spec['dataset']['rows'])} prompts) → {args.api}/v1/comparisons/{created['id']}")
+    last = ""
+
+    def show(state: dict[str, Any]) -> None:
+        nonlocal last
+        line = progress_line(state)
+        if line != last:
+            print(f"  {time.monotonic() - started:6.1f}s  {line}", flush=True)
+            last = line
+
+    final = client.wait(created["id"], on_update=show, poll_s=1.0)
+    results = client.results(created["id"])
+    print()
+    print_table(results)
+    print()
+    print_metrics(final)
+    print()
+    print(f"Status: {final['status']}   wall time: {time.monotonic() - started:.1f}s")
+    print(f"MLflow UI: {final['mlflow']['url']}")
+    print(f"CSV: {args.api}/v1/comparisons/{created['id']}/results?format=csv")
+    print("The stack keeps running for you to explore; stop it with: make stop")
+    return 0 if final["status"] == "succeeded" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

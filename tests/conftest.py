@@ -1,0 +1,80 @@
+"""Shared fixtures. Integration fixtures start real processes (MLflow server, Celery workers,
+the API under uvicorn) on free ports, against the Redis that runs on this machine, and stop them
+afterwards. Every run uses its own Redis key prefix and queue, so runs never see each other."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from scripts.stack import Stack, free_port, redis_answers
+from shared.client import ComparisonClient
+from tests.fixtures.tiny_models import build_all
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    if not redis_answers(REDIS_URL):
+        pytest.fail(f"These tests need Redis at {REDIS_URL} (set REDIS_URL)")
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url, decode_responses=True)
+
+
+@pytest.fixture(scope="session")
+def run_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(model_root: Path) -> dict[str, Path]:
+    return build_all(model_root)
+
+
+def _cleanup_prefix(client: redis.Redis, prefix: str, queue: str) -> None:
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+    client.delete(queue)
+
+
+@pytest.fixture(scope="session")
+def api_only(redis_url, redis_client, run_id, tmp_path_factory, model_root) -> Iterator[Stack]:
+    """The API alone: no worker consumes its queue and no MLflow server answers."""
+    prefix, queue = f"test-api-{run_id}", f"test-api-{run_id}"
+    stack = Stack(
+        run_dir=tmp_path_factory.mktemp("api-only"),
+        redis_url=redis_url,
+        api_port=free_port(),
+        mlflow_port=free_port(),  # nothing listens there: /readyz must say so
+        queue_name=queue,
+        key_prefix=prefix,
+        extra_env={"MODEL_ROOTS": f"{model_root}:/models", "MAX_BODY_BYTES": str(256 * 1024),
+                   "MAX_ROWS": "50", "MAX_CANDIDATES": "4", "MAX_NEW_TOKENS": "256"},
+    )
+    stack.start_api()
+    yield stack
+    stack.stop()
+    _cleanup_prefix(redis_client, prefix, queue)
+
+
+@pytest.fixture
+def api_client(api_only: Stack) -> Iterator[ComparisonClient]:
+    client = ComparisonClient(api_only.api_url)
+    yield client
+    client.close()
