@@ -118,6 +118,8 @@ class CandidateStatus(BaseModel):
     mlflow_run_id: str | None = None
     mlflow_run_url: str | None = None
     error: str | None = None
+    # host:pid of the worker process that ran it, for operators tracing a slow or failed run.
+    worker: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
 

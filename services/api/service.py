@@ -82,6 +82,7 @@ def _to_read(record: dict[str, Any], store: ComparisonStore, settings: Settings)
                 mlflow_run_id=run_id,
                 mlflow_run_url=f"{ui}/#/experiments/{experiment_id}/runs/{run_id}" if run_id and experiment_id else None,
                 error=cand.get("error"),
+                worker=cand.get("worker"),
                 started_at=cand.get("started_at"),
                 finished_at=cand.get("finished_at"),
             )

@@ -24,12 +24,12 @@ def _has_reference(row: dict[str, Any]) -> bool:
     return value is not None and str(value).strip() != ""
 
 
-def build_frame(
-    rows: list[dict[str, Any]], user_texts: list[str], prompts: list[str], generated: list[Generated]
-) -> pd.DataFrame:
+def build_frame(rows: list[dict[str, Any]], prompts: list[str], generated: list[Generated]) -> pd.DataFrame:
+    # "inputs" is the dataset's own input, identical across candidates, so tables of several runs
+    # join on it; "prompt" is what this candidate's model actually saw.
     frame: dict[str, list[Any]] = {
         "row_index": list(range(len(rows))),
-        "inputs": user_texts,
+        "inputs": [row["input"] for row in rows],
         "prompt": prompts,
         "output": [g.output for g in generated],
         "output_token_count": [g.output_tokens for g in generated],
@@ -48,7 +48,6 @@ def evaluate_outputs(
     run_id: str,
     experiment_id: str,
     rows: list[dict[str, Any]],
-    user_texts: list[str],
     prompts: list[str],
     generated: list[Generated],
     metric_names: list[str],
@@ -57,7 +56,7 @@ def evaluate_outputs(
     """Run mlflow.evaluate on the outputs; return aggregates and per-row scores by metric name."""
     import mlflow
 
-    data = build_frame(rows, user_texts, prompts, generated)
+    data = build_frame(rows, prompts, generated)
     registry_metrics = dict(zip(metric_names, build_metrics(metric_names), strict=True))
     builtins, skipped = model_type_builtins(model_type, metric_names)
     named = {**registry_metrics, **{m.name: m for m in builtins}}

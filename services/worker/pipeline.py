@@ -7,6 +7,8 @@ finalize_comparison-> once every candidate has ended, writes the summary on the 
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -21,7 +23,6 @@ from services.worker.generation import (
     GenerationCancelled,
     generate_outputs,
     render_prompt,
-    render_user_text,
     wants_chat_template,
 )
 from services.worker.models import ModelCache, ModelLoadError
@@ -133,7 +134,7 @@ def _run_candidate_locked(ctx: WorkerContext, comparison_id: str, label: str) ->
         comparison_id=comparison_id,
         label=label,
     )
-    store.set_candidate_fields(comparison_id, label, run_id=run_id)
+    store.set_candidate_fields(comparison_id, label, run_id=run_id, worker=f"{socket.gethostname()}:{os.getpid()}")
     log.info("candidate.started", comparison_id=comparison_id, label=label, model=candidate.model, run_id=run_id)
     try:
         scored = _generate_and_evaluate(ctx, comparison_id=comparison_id, candidate=candidate, rows=rows,
@@ -246,7 +247,6 @@ def _generate_and_evaluate(
         run_id=run_id,
         experiment_id=experiment_id,
         rows=rows,
-        user_texts=[render_user_text(candidate.prompt_template, row) for row in rows],
         prompts=prompts,
         generated=generated,
         metric_names=spec["metrics"],

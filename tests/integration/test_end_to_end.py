@@ -1,0 +1,278 @@
+"""End to end against real processes: Redis, an `mlflow server`, two Celery workers and the API
+under uvicorn, all started by the fixtures below on free ports."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from scripts.stack import Stack, free_port
+from shared.client import ComparisonClient
+from tests.conftest import _cleanup_prefix
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url, redis_client, run_id, tmp_path_factory, model_root, tiny_models) -> Iterator[Stack]:
+    prefix, queue = f"test-e2e-{run_id}", f"test-e2e-{run_id}"
+    stack = Stack(
+        run_dir=tmp_path_factory.mktemp("e2e"),
+        redis_url=redis_url,
+        api_port=free_port(),
+        mlflow_port=free_port(),
+        workers=2,
+        worker_concurrency=1,
+        queue_name=queue,
+        key_prefix=prefix,
+        # Two worker processes share two cores: one torch thread each avoids oversubscription.
+        extra_env={"MODEL_ROOTS": str(model_root), "TORCH_THREADS": "1", "GENERATION_BATCH_SIZE": "4"},
+    )
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        _cleanup_prefix(redis_client, prefix, queue)
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> Iterator[ComparisonClient]:
+    client = ComparisonClient(stack.api_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_client(stack: Stack) -> MlflowClient:
+    mlflow.set_tracking_uri(stack.mlflow_url)
+    return MlflowClient(stack.mlflow_url)
+
+
+ROWS = [
+    {"input": "What is the capital of France?", "reference": "Paris", "topic": "geo"},
+    {"input": "Name a large planet.", "reference": "Jupiter", "topic": "space"},
+    {"input": "What is two plus two?", "reference": "four", "topic": "math"},
+    {"input": "The sky is", "reference": "blue", "topic": "misc"},
+    {"input": "Answer the question with one word.", "reference": "word", "topic": "misc"},
+]
+
+
+def tiny_spec(tiny_models: dict[str, Path], **overrides: Any) -> dict[str, Any]:
+    spec = {
+        "name": "tiny-causal-vs-t5",
+        "experiment": "e2e-tiny",
+        "model_type": "question-answering",
+        "candidates": [
+            {"label": "causal", "model": str(tiny_models["causal"]), "system_prompt": "Be brief.",
+             "generation": {"max_new_tokens": 8}},
+            {"label": "t5", "model": str(tiny_models["seq2seq"]), "prompt_template": "question: {input}",
+             "generation": {"max_new_tokens": 6}},
+        ],
+        "dataset": {"rows": ROWS},
+        "metrics": ["exact_match", "contains_reference", "output_tokens", "output_words", "latency",
+                    "ari_grade_level"],
+        "tags": {"team": "e2e"},
+    }
+    spec.update(overrides)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def tiny_run(client: ComparisonClient, tiny_models) -> dict[str, Any]:
+    created = client.submit(tiny_spec(tiny_models))
+    updates: list[dict[str, Any]] = []
+    final = client.wait(created["id"], timeout=300, poll_s=0.3, on_update=updates.append)
+    return {"id": created["id"], "final": final, "updates": updates}
+
+
+class TestTwoCandidates:
+    def test_comparison_succeeds_with_metrics_per_candidate(self, tiny_run):
+        final = tiny_run["final"]
+        assert final["status"] == "succeeded", final
+        assert final["finished_at"] >= final["started_at"] >= final["created_at"]
+        for candidate in final["candidates"]:
+            assert candidate["status"] == "succeeded"
+            assert candidate["progress"] == {"done": 5, "total": 5}
+            assert candidate["error"] is None
+            assert set(candidate["metrics"]) == {
+                "exact_match", "contains_reference", "output_tokens", "output_words", "latency", "ari_grade_level"
+            }
+            assert 0 <= candidate["metrics"]["exact_match"] <= 1
+            assert candidate["metrics"]["latency"] > 0
+            assert candidate["mlflow_run_url"].endswith(candidate["mlflow_run_id"])
+
+    def test_candidates_ran_in_parallel_on_different_workers(self, tiny_run):
+        workers = {c["worker"] for c in tiny_run["final"]["candidates"]}
+        assert len(workers) == 2, workers
+
+    def test_progress_was_reported_while_running(self, tiny_run):
+        statuses = [u["status"] for u in tiny_run["updates"]]
+        assert statuses[-1] == "succeeded"
+        assert "running" in statuses or "queued" in statuses
+
+    def test_results_are_complete_and_match_the_output_tokens(self, client, tiny_run):
+        results = client.results(tiny_run["id"])
+        assert results["candidates"] == ["causal", "t5"]
+        assert [r["input"] for r in results["rows"]] == [r["input"] for r in ROWS]
+        assert [r["topic"] for r in results["rows"]] == [r["topic"] for r in ROWS]
+        for row in results["rows"]:
+            for label in ("causal", "t5"):
+                out = row["outputs"][label]
+                assert isinstance(out["output"], str)
+                assert set(out["scores"]) >= {"exact_match", "output_tokens", "latency"}
+                assert out["scores"]["output_words"] == len(out["output"].split())
+        # Per-row scores aggregate to the candidate's metric.
+        for candidate in tiny_run["final"]["candidates"]:
+            label = candidate["label"]
+            tokens = [r["outputs"][label]["scores"]["output_tokens"] for r in results["rows"]]
+            assert candidate["metrics"]["output_tokens"] == pytest.approx(sum(tokens) / len(tokens))
+            assert max(tokens) <= (8 if label == "causal" else 6)
+
+    def test_mlflow_holds_parent_and_nested_runs(self, mlflow_client, tiny_run):
+        final = tiny_run["final"]
+        experiment_id = final["mlflow"]["experiment_id"]
+        parent = mlflow_client.get_run(final["mlflow"]["parent_run_id"])
+        assert parent.info.run_name == "tiny-causal-vs-t5"
+        assert parent.info.status == "FINISHED"
+        assert parent.data.tags["llm_compare.comparison_id"] == tiny_run["id"]
+        assert parent.data.tags["team"] == "e2e"
+        children = mlflow_client.search_runs(
+            [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        )
+        assert sorted(r.info.run_name for r in children) == ["causal", "t5"]
+        for run in children:
+            label = run.info.run_name
+            assert run.info.status == "FINISHED"
+            assert run.data.tags["llm_compare.candidate"] == label
+            assert run.data.tags["llm_compare.comparison_id"] == tiny_run["id"]
+            params = run.data.params
+            assert params["device"] == "cpu" and params["dtype"] == "float32"
+            assert params["model_source"] == "local_dir"
+            assert params["seq2seq"] == ("True" if label == "t5" else "False")
+            assert params["chat_template_applied"] == ("True" if label == "causal" else "False")
+            assert params["generation.max_new_tokens"] == ("8" if label == "causal" else "6")
+            metrics = run.data.metrics
+            for name in ("exact_match/mean", "output_tokens/mean", "latency_seconds/mean", "ari_grade_level/v1/mean"):
+                assert name in metrics, (name, sorted(metrics))
+            artifacts = [a.path for a in mlflow_client.list_artifacts(run.info.run_id)]
+            assert "eval_results_table.json" in artifacts
+        parent_artifacts = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id)}
+        assert {"comparison_summary.json", "comparison_summary.html", "dataset.json"} <= parent_artifacts
+        assert "causal/exact_match" in parent.data.metrics
+
+    def test_load_table_over_the_experiment_gives_every_output(self, client, mlflow_client, tiny_run):
+        final = tiny_run["final"]
+        # The notebook way of comparing: every table logged in the experiment, tagged by run.
+        mlflow.set_experiment(experiment_id=final["mlflow"]["experiment_id"])
+        table = mlflow.load_table("eval_results_table.json", extra_columns=["run_id"])
+        results = client.results(tiny_run["id"])
+        for candidate in final["candidates"]:
+            rows = table[table["run_id"] == candidate["mlflow_run_id"]].sort_values("row_index")
+            assert rows["inputs"].tolist() == [r["input"] for r in ROWS]
+            assert rows["output"].tolist() == [r["outputs"][candidate["label"]]["output"] for r in results["rows"]]
+            assert rows["exact_match/score"].tolist() == [
+                r["outputs"][candidate["label"]]["scores"]["exact_match"] for r in results["rows"]
+            ]
+
+    def test_summary_on_the_parent_run_matches_the_api(self, client, mlflow_client, tiny_run, tmp_path):
+        parent_id = tiny_run["final"]["mlflow"]["parent_run_id"]
+        path = mlflow_client.download_artifacts(parent_id, "comparison_summary.json", str(tmp_path))
+        summary = json.loads(Path(path).read_text())
+        results = client.results(tiny_run["id"])
+        assert summary["rows"] == results["rows"]
+        assert {c["label"]: c["metrics"] for c in summary["candidates"]} == {
+            c["label"]: c["metrics"] for c in tiny_run["final"]["candidates"]
+        }
+        html = Path(mlflow_client.download_artifacts(parent_id, "comparison_summary.html", str(tmp_path))).read_text()
+        assert "What is the capital of France?" in html and "exact_match" in html
+
+    def test_readyz_with_everything_up(self, stack):
+        response = httpx.get(f"{stack.api_url}/readyz", timeout=10)
+        assert response.status_code == 200
+        assert response.json()["checks"] == {"redis": "ok", "mlflow": "ok"}
+
+
+def test_a_failing_candidate_does_not_stop_the_other(client, mlflow_client, tiny_models, model_root):
+    spec = tiny_spec(tiny_models, name="one-missing")
+    spec["candidates"][1]["model"] = str(model_root / "not-there")
+    created = client.submit(spec)
+    final = client.wait(created["id"], timeout=300, poll_s=0.3)
+    assert final["status"] == "partially_failed"
+    by_label = {c["label"]: c for c in final["candidates"]}
+    assert by_label["causal"]["status"] == "succeeded"
+    assert by_label["t5"]["status"] == "failed"
+    assert "not-there does not exist on worker" in by_label["t5"]["error"]
+    assert "t5:" in final["error"]
+    failed_run = mlflow_client.get_run(by_label["t5"]["mlflow_run_id"])
+    assert failed_run.info.status == "FAILED"
+    assert "does not exist" in failed_run.data.tags["llm_compare.error"]
+    results = client.results(created["id"])
+    assert all(r["outputs"]["t5"]["output"] is None for r in results["rows"])
+    assert all(isinstance(r["outputs"]["causal"]["output"], str) for r in results["rows"])
+
+
+def test_a_cancelled_comparison_is_skipped_by_workers(redis_url, redis_client, run_id, tmp_path, tiny_models,
+                                                      model_root, stack):
+    """Cancel while queued (no worker listens yet), then start a worker: it must not run it."""
+    queue = f"test-cancel-{run_id}"
+    isolated = Stack(
+        run_dir=tmp_path, redis_url=redis_url, api_port=free_port(), mlflow_port=stack.mlflow_port,
+        workers=1, queue_name=queue, key_prefix=queue, extra_env={"MODEL_ROOTS": str(model_root)},
+    )
+    try:
+        isolated.start_api()
+        api = ComparisonClient(isolated.api_url)
+        created = api.submit(tiny_spec(tiny_models, name="cancel-me"))
+        assert redis_client.llen(queue) == 1
+        assert api.cancel(created["id"])["status"] == "cancelled"
+        isolated.start_worker(0)
+        isolated.wait_workers()
+        deadline = time.monotonic() + 60
+        while redis_client.llen(queue) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        log = isolated.log_path("worker0")
+        deadline = time.monotonic() + 30
+        while "comparison.skip_start" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "comparison.skip_start" in log.read_text()
+        final = api.get(created["id"])
+        assert final["status"] == "cancelled"
+        assert final["mlflow"]["parent_run_id"] is None
+        assert [c["status"] for c in final["candidates"]] == ["cancelled", "cancelled"]
+    finally:
+        isolated.stop()
+        _cleanup_prefix(redis_client, queue, queue)
+
+
+@pytest.mark.slow
+def test_real_smollm2_comparison(client, mlflow_client):
+    """The bundled demo's two SmolLM2-135M-Instruct configurations on four of its prompts."""
+    spec = json.loads((ROOT / "demo" / "comparison.json").read_text())
+    spec["dataset"]["rows"] = spec["dataset"]["rows"][:4]
+    spec["experiment"] = "e2e-smollm2"
+    created = client.submit(spec)
+    final = client.wait(created["id"], timeout=900, poll_s=1.0)
+    assert final["status"] == "succeeded", final
+    results = client.results(created["id"])
+    greedy = [r["outputs"]["greedy"]["output"] for r in results["rows"]]
+    assert all(greedy), greedy
+    assert "paris" in greedy[0].lower()  # "What is the capital of France?"
+    by_label = {c["label"]: c for c in final["candidates"]}
+    assert by_label["greedy"]["metrics"]["contains_reference"] >= 0.5
+    run = mlflow_client.get_run(by_label["greedy"]["mlflow_run_id"])
+    assert run.data.params["model_resolved"].startswith("SmolLM2-135M-Instruct.Q4_1.gguf sha256:")
+    assert run.data.params["chat_template_applied"] == "True"
+    assert run.data.params["generation.do_sample"] == "False"
+    sampled = mlflow_client.get_run(by_label["sampled-t0.7"]["mlflow_run_id"])
+    assert sampled.data.params["generation.temperature"] == "0.7"
