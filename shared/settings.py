@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # Longest a single candidate task may run; the broker's visibility timeout sits above it
     # so that a task is only redelivered when its worker really died.
     task_time_limit_s: int = Field(3 * 3600, ge=60)
+    # A running candidate renews its lease after every batch; a redelivered copy waits until the
+    # lease lapses (its worker died) before taking over. Keep it above the slowest batch.
+    candidate_lease_s: int = Field(600, ge=5)
     task_max_retries: int = Field(3, ge=0)
     result_ttl_s: int = Field(30 * 24 * 3600, ge=60)
 

@@ -25,6 +25,7 @@ from services.worker.generation import (
     render_prompt,
     wants_chat_template,
 )
+from services.worker.locks import Lease
 from services.worker.models import ModelCache, ModelLoadError
 from services.worker.summary import build_summary, render_html
 from shared.schemas import (
@@ -96,22 +97,28 @@ def start_comparison(ctx: WorkerContext, comparison_id: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ candidate
+class CandidateBusy(Exception):
+    """Another delivery of this candidate holds its lease and is alive: try again later."""
+
+
 def run_candidate(ctx: WorkerContext, comparison_id: str, label: str) -> str:
     store = ctx.store
-    lock_key = f"{store.prefix}:lock:{comparison_id}:{label}"
-    # Two deliveries of the same candidate (a redelivered start) must not run side by side.
-    if not store.r.set(lock_key, "1", nx=True, ex=ctx.settings.task_time_limit_s):
-        log.info("candidate.duplicate_delivery", comparison_id=comparison_id, label=label)
-        return "duplicate"
+    lease = Lease(store.r, f"{store.prefix}:lease:{comparison_id}:{label}", ttl_s=ctx.settings.candidate_lease_s)
+    if not lease.acquire():
+        state = CandidateState(store.candidate(comparison_id, label)["status"])
+        if state in FINAL_CANDIDATE_STATES:
+            candidate_ended(ctx, comparison_id, label)
+            return state.value
+        raise CandidateBusy(f"candidate {label} is held by {lease.holder()}")
     try:
-        outcome = _run_candidate_locked(ctx, comparison_id, label)
+        outcome = _run_candidate_locked(ctx, comparison_id, label, lease)
     finally:
-        store.r.delete(lock_key)
+        lease.release()
     candidate_ended(ctx, comparison_id, label)
     return outcome
 
 
-def _run_candidate_locked(ctx: WorkerContext, comparison_id: str, label: str) -> str:
+def _run_candidate_locked(ctx: WorkerContext, comparison_id: str, label: str, lease: Lease) -> str:
     store = ctx.store
     state = CandidateState(store.candidate(comparison_id, label)["status"])
     if state in FINAL_CANDIDATE_STATES:
@@ -138,7 +145,8 @@ def _run_candidate_locked(ctx: WorkerContext, comparison_id: str, label: str) ->
     log.info("candidate.started", comparison_id=comparison_id, label=label, model=candidate.model, run_id=run_id)
     try:
         scored = _generate_and_evaluate(ctx, comparison_id=comparison_id, candidate=candidate, rows=rows,
-                                        spec=spec, run_id=run_id, experiment_id=record["experiment_id"])
+                                        spec=spec, run_id=run_id, experiment_id=record["experiment_id"],
+                                        lease=lease)
     except GenerationCancelled:
         store.transition_candidate(comparison_id, label, CandidateState.cancelled,
                                    allowed_from=[CandidateState.running])
@@ -190,6 +198,7 @@ def _generate_and_evaluate(
     spec: dict[str, Any],
     run_id: str,
     experiment_id: str,
+    lease: Lease,
 ) -> dict[str, Any]:
     import mlflow
 
@@ -203,6 +212,7 @@ def _generate_and_evaluate(
     store.set_progress(comparison_id, label, done=0, total=len(rows))
 
     def on_batch(done: int) -> None:
+        lease.renew()
         store.set_progress(comparison_id, label, done=done, total=len(rows))
         if store.status(comparison_id) is ComparisonStatus.cancelled:
             raise GenerationCancelled()
@@ -213,6 +223,7 @@ def _generate_and_evaluate(
         batch_size=ctx.settings.generation_batch_size, on_batch=on_batch,
     )
     generation_seconds = time.perf_counter() - started
+    lease.renew()
     # Outputs are kept even if scoring fails below, so /results can still show them.
     store.save_outputs(comparison_id, label, [{"output": g.output, "scores": {}} for g in generated])
 

@@ -61,6 +61,12 @@ def start_comparison(self: Task, comparison_id: str) -> str:
 def run_candidate(self: Task, comparison_id: str, label: str) -> str:
     try:
         return pipeline.run_candidate(context(), comparison_id, label)
+    except pipeline.CandidateBusy as exc:
+        # A redelivery while the first delivery may still be alive: check back once its lease
+        # could have lapsed, for as long as a candidate may run at all.
+        settings = get_settings()
+        patience = settings.task_time_limit_s // settings.candidate_lease_s + 2
+        raise self.retry(exc=exc, countdown=settings.candidate_lease_s, max_retries=patience) from exc
     except Exception as exc:
         _retry_if_transient(self, exc)
         # The candidate must still end so that the comparison can finish.

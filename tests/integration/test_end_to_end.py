@@ -4,6 +4,8 @@ under uvicorn, all started by the fixtures below on free ports."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +38,9 @@ def stack(redis_url, redis_client, run_id, tmp_path_factory, model_root, tiny_mo
         queue_name=queue,
         key_prefix=prefix,
         # Two worker processes share two cores: one torch thread each avoids oversubscription.
-        extra_env={"MODEL_ROOTS": str(model_root), "TORCH_THREADS": "1", "GENERATION_BATCH_SIZE": "4"},
+        # A short lease lets a redelivered task take over from a killed worker within seconds.
+        extra_env={"MODEL_ROOTS": str(model_root), "TORCH_THREADS": "1", "GENERATION_BATCH_SIZE": "4",
+                   "CANDIDATE_LEASE_S": "8"},
     )
     try:
         stack.start()
@@ -253,6 +257,33 @@ def test_a_cancelled_comparison_is_skipped_by_workers(redis_url, redis_client, r
     finally:
         isolated.stop()
         _cleanup_prefix(redis_client, queue, queue)
+
+
+def test_a_worker_killed_mid_task_does_not_lose_the_candidate(client, tiny_models, stack):
+    """acks_late + reject on worker lost: the task is delivered again and the candidate completes."""
+    rows = [{"input": f"{r['input']} ({i})", "reference": r["reference"]} for i in range(16) for r in ROWS]
+    spec = tiny_spec(tiny_models, name="survives-a-crash", dataset={"rows": rows})
+    for candidate in spec["candidates"]:
+        candidate["generation"]["max_new_tokens"] = 48
+    created = client.submit(spec)
+    victim = None
+    deadline = time.monotonic() + 120
+    while victim is None and time.monotonic() < deadline:
+        causal = client.get(created["id"])["candidates"][0]
+        if causal["status"] == "running" and 0 < causal["progress"]["done"] < causal["progress"]["total"]:
+            victim = int(causal["worker"].rsplit(":", 1)[1])
+        time.sleep(0.05)
+    assert victim is not None, "never saw the candidate mid-generation"
+    os.kill(victim, signal.SIGKILL)
+    final = client.wait(created["id"], timeout=300, poll_s=0.5)
+    assert final["status"] == "succeeded", final
+    causal = final["candidates"][0]
+    assert causal["progress"] == {"done": len(rows), "total": len(rows)}
+    assert causal["worker"] != f"{causal['worker'].rsplit(':', 1)[0]}:{victim}"
+    results = client.results(created["id"])
+    assert all(isinstance(r["outputs"]["causal"]["output"], str) for r in results["rows"])
+    logs = "".join(stack.log_path(f"worker{i}").read_text() for i in range(stack.workers))
+    assert "WorkerLostError" in logs
 
 
 @pytest.mark.slow

@@ -63,6 +63,8 @@ def test_mlflow_runs_uri(tiny_models, settings, tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # Other tests may have left an active experiment of another tracking server in this process.
+    mlflow.set_experiment("model-loading")
     model = AutoModelForCausalLM.from_pretrained(tiny_models["causal"])
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["causal"])
     with mlflow.start_run() as run:
