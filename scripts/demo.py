@@ -68,9 +68,7 @@ def print_metrics(state: dict[str, Any]) -> None:
     names = list(dict.fromkeys(m for c in state["candidates"] for m in c["metrics"]))
     print(f"{'candidate':<16}" + "".join(f"{n:>20}" for n in names))
     for c in state["candidates"]:
-        values = "".join(
-            f"{c['metrics'][n]:>20.4g}" if n in c["metrics"] else f"{'—':>20}" for n in names
-        )
+        values = "".join(f"{c['metrics'][n]:>20.4g}" if n in c["metrics"] else f"{'—':>20}" for n in names)
         print(f"{c['label']:<16}{values}")
         if c.get("error"):
             print(f"  error: {c['error']}")
@@ -88,8 +86,10 @@ def main() -> int:
     client = ComparisonClient(args.api)
     spec = json.loads(args.spec.read_text())
     created = client.submit(spec)
-    print(f"Submitted comparison {created['id']} ({len(spec['candidates'])} candidates × "
-          f"{len(spec['dataset']['rows'])} prompts) → {args.api}/v1/comparisons/{created['id']}")
+    print(
+        f"Submitted comparison {created['id']} ({len(spec['candidates'])} candidates × "
+        f"{len(spec['dataset']['rows'])} prompts) → {args.api}/v1/comparisons/{created['id']}"
+    )
     last = ""
 
     def show(state: dict[str, Any]) -> None:

@@ -127,20 +127,52 @@ class Stack:
     # ---------------------------------------------------------------- commands
     # Built apart from the spawning so that docker-compose.yml can be checked against them.
     def mlflow_command(self, backend_uri: str, artifacts_dir: Path | str, host: str, port: int) -> list[str]:
-        return [str(VENV_BIN / "mlflow"), "server",
-                "--backend-store-uri", backend_uri,
-                "--serve-artifacts", "--artifacts-destination", str(artifacts_dir),
-                "--host", host, "--port", str(port), "--workers", "2"]
+        return [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            backend_uri,
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(artifacts_dir),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+        ]
 
     def api_command(self, host: str, port: int) -> list[str]:
-        return [str(VENV_BIN / "uvicorn"), "services.api.main:create_app", "--factory",
-                "--host", host, "--port", str(port)]
+        return [
+            str(VENV_BIN / "uvicorn"),
+            "services.api.main:create_app",
+            "--factory",
+            "--host",
+            host,
+            "--port",
+            str(port),
+        ]
 
     def worker_command(self, name: str) -> list[str]:
-        return [str(VENV_BIN / "celery"), "-A", "services.worker.celery_app", "worker",
-                "--loglevel", "INFO", "--pool", "prefork", "--concurrency", str(self.worker_concurrency),
-                "--hostname", f"{name}-{self.queue_name}@%h", "--queues", self.queue_name, "--without-gossip",
-                "--without-mingle"]
+        return [
+            str(VENV_BIN / "celery"),
+            "-A",
+            "services.worker.celery_app",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--pool",
+            "prefork",
+            "--concurrency",
+            str(self.worker_concurrency),
+            "--hostname",
+            f"{name}-{self.queue_name}@%h",
+            "--queues",
+            self.queue_name,
+            "--without-gossip",
+            "--without-mingle",
+        ]
 
     # ---------------------------------------------------------------- services
     def start_redis(self) -> None:
@@ -152,11 +184,27 @@ class Stack:
             raise RuntimeError(f"No Redis answers at {self.redis_url} and redis-server is not installed")
         proc = self._spawn(
             "redis",
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-             "--dir", str(self.run_dir)],
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.run_dir),
+            ],
         )
-        wait_until(lambda: redis_answers(self.redis_url), timeout=15, what="redis-server", proc=proc,
-                   log=self.log_path("redis"))
+        wait_until(
+            lambda: redis_answers(self.redis_url),
+            timeout=15,
+            what="redis-server",
+            proc=proc,
+            log=self.log_path("redis"),
+        )
 
     def start_mlflow(self) -> None:
         if http_ok(f"{self.mlflow_url}/health"):
@@ -165,16 +213,27 @@ class Stack:
         data.mkdir(parents=True, exist_ok=True)
         proc = self._spawn(
             "mlflow",
-            self.mlflow_command(f"sqlite:///{data / 'mlflow.db'}", data / "artifacts", "127.0.0.1",
-                                self.mlflow_port),
+            self.mlflow_command(
+                f"sqlite:///{data / 'mlflow.db'}", data / "artifacts", "127.0.0.1", self.mlflow_port
+            ),
         )
-        wait_until(lambda: http_ok(f"{self.mlflow_url}/health"), timeout=120, what="mlflow server", proc=proc,
-                   log=self.log_path("mlflow"))
+        wait_until(
+            lambda: http_ok(f"{self.mlflow_url}/health"),
+            timeout=120,
+            what="mlflow server",
+            proc=proc,
+            log=self.log_path("mlflow"),
+        )
 
     def start_api(self) -> None:
         proc = self._spawn("api", self.api_command("127.0.0.1", self.api_port))
-        wait_until(lambda: http_ok(f"{self.api_url}/healthz"), timeout=30, what="API", proc=proc,
-                   log=self.log_path("api"))
+        wait_until(
+            lambda: http_ok(f"{self.api_url}/healthz"),
+            timeout=30,
+            what="API",
+            proc=proc,
+            log=self.log_path("api"),
+        )
 
     def start_worker(self, index: int) -> subprocess.Popen:
         name = f"worker{index}"
@@ -183,8 +242,12 @@ class Stack:
     def wait_workers(self, timeout: float = 90) -> None:
         for index in range(self.workers):
             log = self.log_path(f"worker{index}")
-            wait_until(lambda log=log: log.exists() and " ready." in log.read_text(), timeout=timeout,
-                       what=f"worker{index}", log=log)
+            wait_until(
+                lambda log=log: log.exists() and " ready." in log.read_text(),
+                timeout=timeout,
+                what=f"worker{index}",
+                log=log,
+            )
 
     def start(self, *, api: bool = True, workers: bool = True) -> None:
         self.start_redis()
@@ -209,8 +272,15 @@ class Stack:
     def _save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "stack.json").write_text(
-            json.dumps({"pids": self.pids, "api_url": self.api_url, "mlflow_url": self.mlflow_url,
-                        "redis_url": self.redis_url}, indent=2)
+            json.dumps(
+                {
+                    "pids": self.pids,
+                    "api_url": self.api_url,
+                    "mlflow_url": self.mlflow_url,
+                    "redis_url": self.redis_url,
+                },
+                indent=2,
+            )
         )
 
     @classmethod

@@ -1,9 +1,9 @@
 """A small HTTP client for the llm-compare API, for scripts and other services.
 
-    client = ComparisonClient("http://127.0.0.1:8000")
-    created = client.submit(spec)
-    final = client.wait(created["id"], on_update=print)
-    table = client.results(created["id"])
+client = ComparisonClient("http://127.0.0.1:8000")
+created = client.submit(spec)
+final = client.wait(created["id"], on_update=print)
+table = client.results(created["id"])
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ class ComparisonClient:
         import json
 
         files = {"file": (filename, content)}
-        return self._check(self.http.post("/v1/comparisons", data={"spec": json.dumps(spec)}, files=files)).json()
+        return self._check(
+            self.http.post("/v1/comparisons", data={"spec": json.dumps(spec)}, files=files)
+        ).json()
 
     def get(self, comparison_id: str) -> dict[str, Any]:
         return self._check(self.http.get(f"/v1/comparisons/{comparison_id}")).json()
@@ -53,7 +55,9 @@ class ComparisonClient:
         return self._check(self.http.get(f"/v1/comparisons/{comparison_id}/results")).json()
 
     def results_csv(self, comparison_id: str) -> str:
-        return self._check(self.http.get(f"/v1/comparisons/{comparison_id}/results", params={"format": "csv"})).text
+        return self._check(
+            self.http.get(f"/v1/comparisons/{comparison_id}/results", params={"format": "csv"})
+        ).text
 
     def cancel(self, comparison_id: str) -> dict[str, Any]:
         return self._check(self.http.post(f"/v1/comparisons/{comparison_id}/cancel")).json()

@@ -27,7 +27,10 @@ def side_by_side(
         for label in labels:
             produced = outputs.get(label)
             if produced is not None and index < len(produced):
-                per_candidate[label] = {"output": produced[index]["output"], "scores": produced[index].get("scores", {})}
+                per_candidate[label] = {
+                    "output": produced[index]["output"],
+                    "scores": produced[index].get("scores", {}),
+                }
             else:
                 per_candidate[label] = {"output": None, "scores": {}}
         entry["outputs"] = per_candidate

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -13,7 +13,7 @@ LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 ModelType = Literal["text", "question-answering", "text-summarization"]
 
 
-class ComparisonStatus(str, Enum):
+class ComparisonStatus(StrEnum):
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
@@ -36,7 +36,7 @@ FINAL_COMPARISON_STATUSES = frozenset(
 )
 
 
-class CandidateState(str, Enum):
+class CandidateState(StrEnum):
     queued = "queued"
     running = "running"
     succeeded = "succeeded"

@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import PurePosixPath
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
-class SourceKind(str, Enum):
+class SourceKind(StrEnum):
     catalog = "catalog"
     hub = "hub"
     local_dir = "local_dir"

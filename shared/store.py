@@ -54,7 +54,8 @@ class ComparisonNotFound(KeyError):
 
 class ComparisonStore:
     def __init__(self, client: redis.Redis, *, prefix: str = "llmc", ttl_s: int | None = None):
-        self.r = client
+        # Created with decode_responses=True: every reply is str, which redis-py's stubs cannot express.
+        self.r: Any = client
         self.prefix = prefix
         self.ttl_s = ttl_s
         self._cas = self.r.register_script(_CAS_SCRIPT)
@@ -75,7 +76,9 @@ class ComparisonStore:
         return f"{self.prefix}:cmps"
 
     # ---- creation
-    def create(self, *, comparison_id: str, spec: ComparisonCreate, experiment: str, metrics: list[str]) -> None:
+    def create(
+        self, *, comparison_id: str, spec: ComparisonCreate, experiment: str, metrics: list[str]
+    ) -> None:
         now = utcnow()
         stored_spec = spec.model_dump(mode="json", exclude={"dataset"})
         stored_spec["experiment"] = experiment
@@ -111,8 +114,12 @@ class ComparisonStore:
 
     def _expire(self, comparison_id: str, labels: Iterable[str]) -> None:
         assert self.ttl_s
-        keys = [self._key(comparison_id), self._key(comparison_id, "rows"),
-                self._key(comparison_id, "ended"), self._key(comparison_id, "tasks")]
+        keys = [
+            self._key(comparison_id),
+            self._key(comparison_id, "rows"),
+            self._key(comparison_id, "ended"),
+            self._key(comparison_id, "tasks"),
+        ]
         for label in labels:
             keys += [self._key(comparison_id, "cand", label), self._key(comparison_id, "out", label)]
         pipe = self.r.pipeline(transaction=False)

@@ -64,8 +64,13 @@ def api_only(redis_url, redis_client, run_id, tmp_path_factory, model_root) -> I
         mlflow_port=free_port(),  # nothing listens there: /readyz must say so
         queue_name=queue,
         key_prefix=prefix,
-        extra_env={"MODEL_ROOTS": f"{model_root}:/models", "MAX_BODY_BYTES": str(256 * 1024),
-                   "MAX_ROWS": "50", "MAX_CANDIDATES": "4", "MAX_NEW_TOKENS": "256"},
+        extra_env={
+            "MODEL_ROOTS": f"{model_root}:/models",
+            "MAX_BODY_BYTES": str(256 * 1024),
+            "MAX_ROWS": "50",
+            "MAX_CANDIDATES": "4",
+            "MAX_NEW_TOKENS": "256",
+        },
     )
     stack.start_api()
     yield stack

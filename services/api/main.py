@@ -63,8 +63,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RedisError)
     async def _redis_down(_: Request, exc: RedisError) -> JSONResponse:
         return JSONResponse(
-            {"error": "unavailable", "message": f"The state store (Redis) is unavailable; retry later ({exc})",
-             "fields": []},
+            {
+                "error": "unavailable",
+                "message": f"The state store (Redis) is unavailable; retry later ({exc})",
+                "fields": [],
+            },
             status_code=503,
         )
 

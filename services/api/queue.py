@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from celery import Celery
 from kombu.exceptions import OperationalError
 
@@ -39,11 +41,9 @@ class Publisher:
     def revoke(self, task_ids: list[str]) -> None:
         if not task_ids:
             return
-        try:
+        # Revoking is an optimisation: workers also check the cancelled status themselves.
+        with contextlib.suppress(OperationalError, ConnectionError, OSError):
             self.app.control.revoke(task_ids)
-        except (OperationalError, ConnectionError, OSError):
-            # Revoking is an optimisation: workers also check the cancelled status themselves.
-            pass
 
     def close(self) -> None:
         self.app.close()

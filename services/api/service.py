@@ -42,13 +42,18 @@ def submit_comparison(
         publisher.start_comparison(comparison_id)
     except QueueUnavailable as exc:
         # Nothing was queued: end the record at once so no client waits on a job that never runs.
-        store.transition(
-            comparison_id, ComparisonStatus.failed, allowed_from=[ComparisonStatus.queued]
-        )
+        store.transition(comparison_id, ComparisonStatus.failed, allowed_from=[ComparisonStatus.queued])
         store.set_fields(comparison_id, error=f"queue unavailable: {exc}")
-        raise ServiceUnavailable(f"The job queue is unavailable, nothing was queued; retry later ({exc})") from exc
-    log.info("comparison.queued", comparison_id=comparison_id, candidates=len(spec.candidates),
-             rows=len(spec.dataset.rows), metrics=metrics)
+        raise ServiceUnavailable(
+            f"The job queue is unavailable, nothing was queued; retry later ({exc})"
+        ) from exc
+    log.info(
+        "comparison.queued",
+        comparison_id=comparison_id,
+        candidates=len(spec.candidates),
+        rows=len(spec.dataset.rows),
+        metrics=metrics,
+    )
     return read_comparison(comparison_id=comparison_id, store=store, settings=settings)
 
 
@@ -80,7 +85,9 @@ def _to_read(record: dict[str, Any], store: ComparisonStore, settings: Settings)
                 progress=Progress(done=cand["done"], total=cand["total"]),
                 metrics=cand["metrics"],
                 mlflow_run_id=run_id,
-                mlflow_run_url=f"{ui}/#/experiments/{experiment_id}/runs/{run_id}" if run_id and experiment_id else None,
+                mlflow_run_url=f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
+                if run_id and experiment_id
+                else None,
                 error=cand.get("error"),
                 worker=cand.get("worker"),
                 started_at=cand.get("started_at"),
@@ -163,7 +170,7 @@ def results_csv(results: ComparisonResults) -> str:
     """One CSV row per dataset row: input, reference, extra columns, then a column per candidate."""
     extra_columns: list[str] = []
     for row in results.rows:
-        for key in (row.model_extra or {}):
+        for key in row.model_extra or {}:
             if key not in extra_columns:
                 extra_columns.append(key)
     score_names: dict[str, list[str]] = {label: [] for label in results.candidates}
@@ -181,7 +188,12 @@ def results_csv(results: ComparisonResults) -> str:
     writer.writerow(header)
     for row in results.rows:
         extras = row.model_extra or {}
-        line: list[Any] = [row.index, row.input, row.reference or "", *(extras.get(c, "") for c in extra_columns)]
+        line: list[Any] = [
+            row.index,
+            row.input,
+            row.reference or "",
+            *(extras.get(c, "") for c in extra_columns),
+        ]
         for label in results.candidates:
             out = row.outputs[label]
             line.append(out.output if out.output is not None else "")
@@ -192,4 +204,3 @@ def results_csv(results: ComparisonResults) -> str:
 
 def _blank_none(value: Any) -> Any:
     return "" if value is None else value
-

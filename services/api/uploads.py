@@ -46,7 +46,11 @@ def _parse_csv(text: str) -> list[dict[str, Any]]:
     reader = csv.DictReader(io.StringIO(text))
     if not reader.fieldnames or "input" not in reader.fieldnames:
         raise InvalidComparison(
-            [FieldProblem("file", "the CSV needs a header row with an 'input' column (and optionally 'reference')")]
+            [
+                FieldProblem(
+                    "file", "the CSV needs a header row with an 'input' column (and optionally 'reference')"
+                )
+            ]
         )
     rows = []
     for row in reader:

@@ -61,8 +61,8 @@ def _check_candidates(spec: ComparisonCreate, settings: Settings) -> list[FieldP
             problems.append(
                 FieldProblem(
                     f"candidates[{i}].label",
-                    f"label {candidate.label!r} is already used by candidates[{first_index[candidate.label]}]; "
-                    "labels must be unique",
+                    f"label {candidate.label!r} is already used by "
+                    f"candidates[{first_index[candidate.label]}]; labels must be unique",
                 )
             )
         first_index.setdefault(candidate.label, i)
@@ -153,7 +153,9 @@ def _check_metrics(spec: ComparisonCreate) -> list[FieldProblem]:
         return []
     problems: list[FieldProblem] = []
     if not spec.metrics:
-        problems.append(FieldProblem("metrics", f"give at least one metric, or omit the field for {DEFAULT_METRICS}"))
+        problems.append(
+            FieldProblem("metrics", f"give at least one metric, or omit the field for {DEFAULT_METRICS}")
+        )
     without_reference = [i for i, row in enumerate(spec.dataset.rows) if not _has_reference(row)]
     for i, name in enumerate(spec.metrics):
         info = METRICS.get(name)

@@ -11,7 +11,15 @@ import pandas as pd
 from services.worker.generation import Generated
 from services.worker.metrics import build_metrics, model_type_builtins
 
-_ROW_COLUMNS_RESERVED = {"inputs", "prompt", "output", "reference", "output_token_count", "latency_s", "row_index"}
+_ROW_COLUMNS_RESERVED = {
+    "inputs",
+    "prompt",
+    "output",
+    "reference",
+    "output_token_count",
+    "latency_s",
+    "row_index",
+}
 
 
 def _metric_key(metric: Any) -> str:
@@ -88,7 +96,7 @@ def evaluate_outputs(
     aggregates: dict[str, dict[str, float]] = {}
     for name, metric in named.items():
         prefix = f"{_metric_key(metric)}/"
-        values = {k[len(prefix):]: _clean(v) for k, v in result.metrics.items() if k.startswith(prefix)}
+        values = {k[len(prefix) :]: _clean(v) for k, v in result.metrics.items() if k.startswith(prefix)}
         aggregates[name] = {k: v for k, v in values.items() if v is not None}
     means = {name: agg["mean"] for name, agg in aggregates.items() if "mean" in agg}
     return {"metrics": means, "aggregates": aggregates, "row_scores": row_scores, "skipped_builtins": skipped}

@@ -150,7 +150,9 @@ def _strip_after_eos(token_ids: list[int], eos_ids: set[int], pad_id: int | None
     return kept
 
 
-def _generate_batch(loaded: LoadedModel, prompts: list[str], kwargs: dict[str, Any]) -> tuple[list[list[int]], float]:
+def _generate_batch(
+    loaded: LoadedModel, prompts: list[str], kwargs: dict[str, Any]
+) -> tuple[list[list[int]], float]:
     import torch
 
     tokenizer = loaded.tokenizer
@@ -171,4 +173,4 @@ def _generate_batch(loaded: LoadedModel, prompts: list[str], kwargs: dict[str, A
 
 def _starts_with_bos(tokenizer: Any, prompt: str) -> bool:
     bos = getattr(tokenizer, "bos_token", None)
-    return bool(bos) and prompt.startswith(bos)
+    return bool(bos) and prompt.startswith(str(bos))

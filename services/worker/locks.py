@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from typing import Any
 
 import redis
 
@@ -30,7 +31,7 @@ return 0
 
 class Lease:
     def __init__(self, client: redis.Redis, key: str, *, ttl_s: int):
-        self.r = client
+        self.r: Any = client  # decode_responses=True: replies are str
         self.key = key
         self.ttl_s = ttl_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import string
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,15 +30,15 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def _aggregate(scores: list[float | None]) -> dict[str, float]:
+def _aggregate(scores: Sequence[float | None]) -> dict[str, float]:
     values = np.array([s for s in scores if s is not None], dtype=float)
     if values.size == 0:
         return {}
     return {"mean": float(values.mean()), "std": float(values.std()), "p90": float(np.percentile(values, 90))}
 
 
-def _result(scores: list[float | None]) -> MetricValue:
-    return MetricValue(scores=scores, aggregate_results=_aggregate(scores))
+def _result(scores: Sequence[float | None]) -> MetricValue:
+    return MetricValue(scores=list(scores), aggregate_results=_aggregate(scores))  # type: ignore[arg-type]
 
 
 def _exact_match(predictions: pd.Series, targets: pd.Series) -> MetricValue:
@@ -81,7 +81,9 @@ def _ari() -> EvaluationMetric:
 # when only predictions are given), so ours is logged as "latency_seconds".
 METRIC_FACTORIES: dict[str, Callable[[], EvaluationMetric]] = {
     "exact_match": lambda: _custom(_exact_match, name="exact_match", greater_is_better=True),
-    "contains_reference": lambda: _custom(_contains_reference, name="contains_reference", greater_is_better=True),
+    "contains_reference": lambda: _custom(
+        _contains_reference, name="contains_reference", greater_is_better=True
+    ),
     "output_tokens": lambda: _custom(_output_tokens, name="output_tokens", greater_is_better=False),
     "output_words": lambda: _custom(_output_words, name="output_words", greater_is_better=False),
     "latency": lambda: _custom(_latency, name="latency_seconds", greater_is_better=False),
@@ -101,9 +103,23 @@ def build_metrics(names: list[str]) -> list[EvaluationMetric]:
 # toxicity and rouge fetch modules from the hub.
 _MODEL_TYPE_BUILTINS: dict[str, list[str]] = {
     "text": ["toxicity", "flesch_kincaid_grade_level", "ari_grade_level", "token_count"],
-    "question-answering": ["exact_match", "toxicity", "flesch_kincaid_grade_level", "ari_grade_level", "token_count"],
-    "text-summarization": ["rouge1", "rouge2", "rougeL", "rougeLsum", "toxicity",
-                           "flesch_kincaid_grade_level", "ari_grade_level", "token_count"],
+    "question-answering": [
+        "exact_match",
+        "toxicity",
+        "flesch_kincaid_grade_level",
+        "ari_grade_level",
+        "token_count",
+    ],
+    "text-summarization": [
+        "rouge1",
+        "rouge2",
+        "rougeL",
+        "rougeLsum",
+        "toxicity",
+        "flesch_kincaid_grade_level",
+        "ari_grade_level",
+        "token_count",
+    ],
 }
 # Built-ins the registry already covers under its own name.
 _COVERED = {"exact_match", "ari_grade_level"}
@@ -140,7 +156,9 @@ def _parameters(fn: Callable[..., Any]) -> list[str]:
     return list(inspect.signature(fn).parameters)
 
 
-def model_type_builtins(model_type: str | None, already: list[str]) -> tuple[list[EvaluationMetric], list[str]]:
+def model_type_builtins(
+    model_type: str | None, already: list[str]
+) -> tuple[list[EvaluationMetric], list[str]]:
     """MLflow's default metrics for ``model_type`` that can run here, and those skipped."""
     if model_type is None:
         return [], []

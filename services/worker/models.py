@@ -81,7 +81,9 @@ def _auto_class(config: Any) -> Any:
     return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
-def _from_pretrained(where: str, *, revision: str | None = None, gguf_file: str | None = None) -> tuple[Any, Any]:
+def _from_pretrained(
+    where: str, *, revision: str | None = None, gguf_file: str | None = None
+) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device, dtype = pick_device()
@@ -93,8 +95,10 @@ def _from_pretrained(where: str, *, revision: str | None = None, gguf_file: str 
     # HF_TOKEN and HF_HUB_OFFLINE are read by huggingface_hub itself.
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     # A GGUF file carries no separate config to peek at; all GGUF text models here are causal.
-    model_class = AutoModelForCausalLM if gguf_file else _auto_class(AutoConfig.from_pretrained(where, **kwargs))
-    model = model_class.from_pretrained(where, dtype=dtype, **kwargs)
+    model_class = (
+        AutoModelForCausalLM if gguf_file else _auto_class(AutoConfig.from_pretrained(where, **kwargs))
+    )
+    model: Any = model_class.from_pretrained(where, dtype=dtype, **kwargs)
     return model.to(device).eval(), tokenizer
 
 

@@ -57,7 +57,9 @@ class WorkerContext:
 def start_comparison(ctx: WorkerContext, comparison_id: str) -> str:
     store = ctx.store
     if store.status(comparison_id).is_final:
-        log.info("comparison.skip_start", comparison_id=comparison_id, status=store.status(comparison_id).value)
+        log.info(
+            "comparison.skip_start", comparison_id=comparison_id, status=store.status(comparison_id).value
+        )
         return "skipped"
     if store.transition(comparison_id, ComparisonStatus.running, allowed_from=[ComparisonStatus.queued]):
         store.set_fields(comparison_id, started_at=utcnow())
@@ -80,7 +82,7 @@ def start_comparison(ctx: WorkerContext, comparison_id: str) -> str:
             "candidates": ",".join(c["label"] for c in spec["candidates"]),
         },
     )
-    client.log_dict(parent_run_id, store.rows(comparison_id), "dataset.json")
+    client.log_dict(parent_run_id, {"rows": store.rows(comparison_id)}, "dataset.json")
     client.log_dict(parent_run_id, spec, "comparison_spec.json")
 
     already = store.task_ids(comparison_id)
@@ -91,8 +93,12 @@ def start_comparison(ctx: WorkerContext, comparison_id: str) -> str:
         task_id = uuid.uuid4().hex
         store.record_task(comparison_id, label, task_id)
         ctx.dispatch(RUN_CANDIDATE, {"comparison_id": comparison_id, "label": label}, task_id)
-    log.info("comparison.started", comparison_id=comparison_id, experiment_id=experiment_id,
-             parent_run_id=parent_run_id)
+    log.info(
+        "comparison.started",
+        comparison_id=comparison_id,
+        experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
+    )
     return "started"
 
 
@@ -103,7 +109,9 @@ class CandidateBusy(Exception):
 
 def run_candidate(ctx: WorkerContext, comparison_id: str, label: str) -> str:
     store = ctx.store
-    lease = Lease(store.r, f"{store.prefix}:lease:{comparison_id}:{label}", ttl_s=ctx.settings.candidate_lease_s)
+    lease = Lease(
+        store.r, f"{store.prefix}:lease:{comparison_id}:{label}", ttl_s=ctx.settings.candidate_lease_s
+    )
     if not lease.acquire():
         state = CandidateState(store.candidate(comparison_id, label)["status"])
         if state in FINAL_CANDIDATE_STATES:
@@ -124,11 +132,19 @@ def _run_candidate_locked(ctx: WorkerContext, comparison_id: str, label: str, le
     if state in FINAL_CANDIDATE_STATES:
         return state.value
     if store.status(comparison_id) is ComparisonStatus.cancelled:
-        store.transition_candidate(comparison_id, label, CandidateState.cancelled,
-                                   allowed_from=[CandidateState.queued, CandidateState.running])
+        store.transition_candidate(
+            comparison_id,
+            label,
+            CandidateState.cancelled,
+            allowed_from=[CandidateState.queued, CandidateState.running],
+        )
         return "cancelled"
-    store.transition_candidate(comparison_id, label, CandidateState.running,
-                               allowed_from=[CandidateState.queued, CandidateState.running])
+    store.transition_candidate(
+        comparison_id,
+        label,
+        CandidateState.running,
+        allowed_from=[CandidateState.queued, CandidateState.running],
+    )
     record = store.get(comparison_id)
     spec = record["spec"]
     candidate = CandidateSpec.model_validate(next(c for c in spec["candidates"] if c["label"] == label))
@@ -141,15 +157,27 @@ def _run_candidate_locked(ctx: WorkerContext, comparison_id: str, label: str, le
         comparison_id=comparison_id,
         label=label,
     )
-    store.set_candidate_fields(comparison_id, label, run_id=run_id, worker=f"{socket.gethostname()}:{os.getpid()}")
-    log.info("candidate.started", comparison_id=comparison_id, label=label, model=candidate.model, run_id=run_id)
+    store.set_candidate_fields(
+        comparison_id, label, run_id=run_id, worker=f"{socket.gethostname()}:{os.getpid()}"
+    )
+    log.info(
+        "candidate.started", comparison_id=comparison_id, label=label, model=candidate.model, run_id=run_id
+    )
     try:
-        scored = _generate_and_evaluate(ctx, comparison_id=comparison_id, candidate=candidate, rows=rows,
-                                        spec=spec, run_id=run_id, experiment_id=record["experiment_id"],
-                                        lease=lease)
+        scored = _generate_and_evaluate(
+            ctx,
+            comparison_id=comparison_id,
+            candidate=candidate,
+            rows=rows,
+            spec=spec,
+            run_id=run_id,
+            experiment_id=record["experiment_id"],
+            lease=lease,
+        )
     except GenerationCancelled:
-        store.transition_candidate(comparison_id, label, CandidateState.cancelled,
-                                   allowed_from=[CandidateState.running])
+        store.transition_candidate(
+            comparison_id, label, CandidateState.cancelled, allowed_from=[CandidateState.running]
+        )
         client.set_terminated(run_id, status="KILLED")
         log.info("candidate.cancelled", comparison_id=comparison_id, label=label)
         return "cancelled"
@@ -164,19 +192,30 @@ def _run_candidate_locked(ctx: WorkerContext, comparison_id: str, label: str, le
         client.set_terminated(run_id, status="FAILED")
         log.warning("candidate.failed", comparison_id=comparison_id, label=label, error=message)
         return "failed"
-    store.set_candidate_fields(comparison_id, label, metrics=scored["metrics"], aggregates=scored["aggregates"])
-    store.transition_candidate(comparison_id, label, CandidateState.succeeded,
-                               allowed_from=[CandidateState.running])
+    store.set_candidate_fields(
+        comparison_id, label, metrics=scored["metrics"], aggregates=scored["aggregates"]
+    )
+    store.transition_candidate(
+        comparison_id, label, CandidateState.succeeded, allowed_from=[CandidateState.running]
+    )
     client.set_terminated(run_id, status="FINISHED")
-    log.info("candidate.finished", comparison_id=comparison_id, label=label, rows=len(rows),
-             metrics=scored["metrics"])
+    log.info(
+        "candidate.finished",
+        comparison_id=comparison_id,
+        label=label,
+        rows=len(rows),
+        metrics=scored["metrics"],
+    )
     return "succeeded"
 
 
 def fail_candidate(ctx: WorkerContext, comparison_id: str, label: str, message: str) -> None:
     ctx.store.transition_candidate(
-        comparison_id, label, CandidateState.failed,
-        allowed_from=[CandidateState.queued, CandidateState.running], error=message,
+        comparison_id,
+        label,
+        CandidateState.failed,
+        allowed_from=[CandidateState.queued, CandidateState.running],
+        error=message,
     )
 
 
@@ -219,8 +258,11 @@ def _generate_and_evaluate(
 
     started = time.perf_counter()
     generated = generate_outputs(
-        candidate=candidate, loaded=loaded, prompts=prompts,
-        batch_size=ctx.settings.generation_batch_size, on_batch=on_batch,
+        candidate=candidate,
+        loaded=loaded,
+        prompts=prompts,
+        batch_size=ctx.settings.generation_batch_size,
+        on_batch=on_batch,
     )
     generation_seconds = time.perf_counter() - started
     lease.renew()
@@ -251,7 +293,9 @@ def _generate_and_evaluate(
     total_tokens = sum(g.output_tokens for g in generated)
     client.log_metric(run_id, "load_seconds", load_seconds)
     client.log_metric(run_id, "generation_seconds", generation_seconds)
-    client.log_metric(run_id, "tokens_per_second", total_tokens / generation_seconds if generation_seconds else 0.0)
+    client.log_metric(
+        run_id, "tokens_per_second", total_tokens / generation_seconds if generation_seconds else 0.0
+    )
 
     mlflow.set_tracking_uri(ctx.settings.mlflow_tracking_uri)
     scored = evaluate_outputs(
@@ -266,7 +310,8 @@ def _generate_and_evaluate(
     if scored["skipped_builtins"]:
         _log_params(client, run_id, {"model_type_metrics_skipped": ",".join(scored["skipped_builtins"])})
     store.save_outputs(
-        comparison_id, label,
+        comparison_id,
+        label,
         [{"output": g.output, "scores": s} for g, s in zip(generated, scored["row_scores"], strict=True)],
     )
     return scored
@@ -308,7 +353,9 @@ def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
         outcome = ComparisonStatus.partially_failed
     else:
         outcome = ComparisonStatus.failed
-    failed_errors = [f"{c['label']}: {c.get('error')}" for c in candidates if c["status"] == CandidateState.failed.value]
+    failed_errors = [
+        f"{c['label']}: {c.get('error')}" for c in candidates if c["status"] == CandidateState.failed.value
+    ]
 
     summary = build_summary(
         comparison_id=comparison_id,
@@ -334,11 +381,20 @@ def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
         if metrics:
             client.log_batch(parent_run_id, metrics=metrics)
         final_status = store.status(comparison_id)
-        run_status = "KILLED" if final_status is ComparisonStatus.cancelled else (
-            "FINISHED" if outcome is not ComparisonStatus.failed else "FAILED")
+        run_status = (
+            "KILLED"
+            if final_status is ComparisonStatus.cancelled
+            else ("FINISHED" if outcome is not ComparisonStatus.failed else "FAILED")
+        )
         client.set_terminated(parent_run_id, status=run_status)
-    if not store.transition(comparison_id, outcome, allowed_from=[ComparisonStatus.running, ComparisonStatus.queued]):
-        log.info("comparison.final_status_kept", comparison_id=comparison_id, status=store.status(comparison_id).value)
+    if not store.transition(
+        comparison_id, outcome, allowed_from=[ComparisonStatus.running, ComparisonStatus.queued]
+    ):
+        log.info(
+            "comparison.final_status_kept",
+            comparison_id=comparison_id,
+            status=store.status(comparison_id).value,
+        )
     if failed_errors and outcome is not ComparisonStatus.succeeded:
         store.set_fields(comparison_id, error="; ".join(failed_errors)[:2000])
     log.info("comparison.finished", comparison_id=comparison_id, status=store.status(comparison_id).value)
@@ -348,9 +404,11 @@ def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
 def fail_comparison(ctx: WorkerContext, comparison_id: str, message: str) -> None:
     """The start step could not run (e.g. MLflow unreachable after retries): end it visibly."""
     store = ctx.store
-    if store.transition(comparison_id, ComparisonStatus.failed,
-                        allowed_from=[ComparisonStatus.queued, ComparisonStatus.running]):
+    if store.transition(
+        comparison_id,
+        ComparisonStatus.failed,
+        allowed_from=[ComparisonStatus.queued, ComparisonStatus.running],
+    ):
         store.set_fields(comparison_id, error=message)
         for candidate in store.spec(comparison_id)["candidates"]:
             fail_candidate(ctx, comparison_id, candidate["label"], f"comparison could not start: {message}")
-

@@ -71,7 +71,9 @@ def render_html(summary: dict[str, Any]) -> str:
     parts.append("</tr>")
     best = {name: _best(summary, name) for name in metric_names}
     for c in summary["candidates"]:
-        status = e(c["status"]) + (f"<div class='failed'>{e(c['error'] or '')}</div>" if c.get("error") else "")
+        status = e(c["status"]) + (
+            f"<div class='failed'>{e(c['error'] or '')}</div>" if c.get("error") else ""
+        )
         parts.append(f"<tr><td>{e(c['label'])}</td><td>{e(c['model'])}</td><td>{status}</td>")
         for name in metric_names:
             value = c["metrics"].get(name)
@@ -89,9 +91,7 @@ def render_html(summary: dict[str, Any]) -> str:
         for label in labels:
             out = row["outputs"][label]
             scores = ", ".join(f"{k}={v:.3g}" for k, v in out["scores"].items() if v is not None)
-            parts.append(
-                f"<td class='out'>{e(out['output'] or '')}<br><small>{e(scores)}</small></td>"
-            )
+            parts.append(f"<td class='out'>{e(out['output'] or '')}<br><small>{e(scores)}</small></td>")
         parts.append("</tr>")
     parts.append("</table></body></html>")
     return "".join(parts)

@@ -27,7 +27,9 @@ log = structlog.get_logger()
 def context() -> pipeline.WorkerContext:
     """One context per worker process, built on first use (after the fork)."""
     settings = get_settings()
-    store = ComparisonStore.from_url(settings.redis_url, prefix=settings.key_prefix, ttl_s=settings.result_ttl_s)
+    store = ComparisonStore.from_url(
+        settings.redis_url, prefix=settings.key_prefix, ttl_s=settings.result_ttl_s
+    )
 
     def dispatch(name: str, kwargs: dict[str, Any], task_id: str) -> None:
         app.send_task(name, kwargs=kwargs, task_id=task_id, queue=settings.queue_name)
@@ -42,8 +44,10 @@ def _retry_if_transient(task: Task, exc: Exception) -> None:
     """
     if not is_transient(exc) or task.request.retries >= task.max_retries:
         return
-    delay = min(60, 2 ** task.request.retries) * (0.5 + random.random())
-    log.warning("task.retry", task=task.name, retries=task.request.retries, delay=round(delay, 1), error=str(exc))
+    delay = min(60, 2**task.request.retries) * (0.5 + random.random())
+    log.warning(
+        "task.retry", task=task.name, retries=task.request.retries, delay=round(delay, 1), error=str(exc)
+    )
     raise task.retry(exc=exc, countdown=delay)
 
 
@@ -82,5 +86,7 @@ def finalize_comparison(self: Task, comparison_id: str) -> str:
         return pipeline.finalize_comparison(context(), comparison_id)
     except Exception as exc:
         _retry_if_transient(self, exc)
-        pipeline.fail_comparison(context(), comparison_id, f"summary step failed: {type(exc).__name__}: {exc}")
+        pipeline.fail_comparison(
+            context(), comparison_id, f"summary step failed: {type(exc).__name__}: {exc}"
+        )
         raise

@@ -44,7 +44,9 @@ def ensure_parent_run(
     mlflow_client: MlflowClient, *, experiment_id: str, comparison_id: str, name: str, tags: dict[str, str]
 ) -> str:
     existing = _find(
-        mlflow_client, experiment_id, f"tags.`{TAG_COMPARISON}` = '{comparison_id}' and tags.`{TAG_ROLE}` = 'comparison'"
+        mlflow_client,
+        experiment_id,
+        f"tags.`{TAG_COMPARISON}` = '{comparison_id}' and tags.`{TAG_ROLE}` = 'comparison'",
     )
     if existing is not None:
         return existing.info.run_id
@@ -71,6 +73,11 @@ def ensure_candidate_run(
     run = mlflow_client.create_run(
         experiment_id,
         run_name=label,
-        tags={TAG_PARENT: parent_run_id, TAG_COMPARISON: comparison_id, TAG_LABEL: label, TAG_ROLE: "candidate"},
+        tags={
+            TAG_PARENT: parent_run_id,
+            TAG_COMPARISON: comparison_id,
+            TAG_LABEL: label,
+            TAG_ROLE: "candidate",
+        },
     )
     return run.info.run_id

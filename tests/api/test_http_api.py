@@ -24,7 +24,11 @@ def base_spec(**overrides: Any) -> dict[str, Any]:
         "model_type": "question-answering",
         "candidates": [
             {"label": "a", "model": "smollm2-135m-instruct"},
-            {"label": "b", "model": "smollm2-135m-instruct", "generation": {"do_sample": True, "temperature": 0.7}},
+            {
+                "label": "b",
+                "model": "smollm2-135m-instruct",
+                "generation": {"do_sample": True, "temperature": 0.7},
+            },
         ],
         "dataset": {
             "rows": [
@@ -60,7 +64,9 @@ class TestSubmit:
         assert body["experiment"] == "http-tests"
         assert body["metrics"] == ["exact_match", "output_tokens", "latency"]
         assert [c["label"] for c in body["candidates"]] == ["a", "b"]
-        assert all(c["status"] == "queued" and c["progress"] == {"done": 0, "total": 2} for c in body["candidates"])
+        assert all(
+            c["status"] == "queued" and c["progress"] == {"done": 0, "total": 2} for c in body["candidates"]
+        )
         # The start task is on the broker queue, carrying only the id.
         messages = redis_client.lrange(api_only.queue_name, 0, -1)
         assert any(body["id"] in m for m in messages)
@@ -72,7 +78,12 @@ class TestSubmit:
         body = post(api_only, spec).json()
         assert body["experiment"] == "llm-compare"
         assert body["metrics"] == [
-            "exact_match", "contains_reference", "output_tokens", "output_words", "latency", "ari_grade_level"
+            "exact_match",
+            "contains_reference",
+            "output_tokens",
+            "output_words",
+            "latency",
+            "ari_grade_level",
         ]
 
     def test_default_metrics_skip_reference_metrics_without_references(self, api_only: Stack):
@@ -160,40 +171,92 @@ def _mutated(mutate) -> dict[str, Any]:
 
 VALIDATION_CASES = [
     ("one candidate", lambda s: s["candidates"].pop(), "candidates", "at least 2"),
-    ("too many candidates",
-     lambda s: s.__setitem__("candidates", [{"label": f"c{i}", "model": "smollm2-135m-instruct"} for i in range(5)]),
-     "candidates", "at most 4"),
-    ("duplicate labels", lambda s: s["candidates"][1].__setitem__("label", "a"), "candidates[1].label", "unique"),
-    ("template without input", lambda s: s["candidates"][0].__setitem__("prompt_template", "Q: {question}"),
-     "candidates[0].prompt_template", "{input}"),
-    ("template with unknown column", lambda s: s["candidates"][1].__setitem__("prompt_template", "{context} {input}"),
-     "candidates[1].prompt_template", "{context}"),
+    (
+        "too many candidates",
+        lambda s: s.__setitem__(
+            "candidates", [{"label": f"c{i}", "model": "smollm2-135m-instruct"} for i in range(5)]
+        ),
+        "candidates",
+        "at most 4",
+    ),
+    (
+        "duplicate labels",
+        lambda s: s["candidates"][1].__setitem__("label", "a"),
+        "candidates[1].label",
+        "unique",
+    ),
+    (
+        "template without input",
+        lambda s: s["candidates"][0].__setitem__("prompt_template", "Q: {question}"),
+        "candidates[0].prompt_template",
+        "{input}",
+    ),
+    (
+        "template with unknown column",
+        lambda s: s["candidates"][1].__setitem__("prompt_template", "{context} {input}"),
+        "candidates[1].prompt_template",
+        "{context}",
+    ),
     ("empty dataset", lambda s: s["dataset"].__setitem__("rows", []), "dataset.rows", "empty"),
-    ("row without input", lambda s: s["dataset"]["rows"].append({"reference": "x"}), "dataset.rows[2].input",
-     "non-empty string"),
-    ("too many rows", lambda s: s["dataset"].__setitem__("rows", [{"input": f"q{i}", "reference": "r"} for i in range(51)]),
-     "dataset.rows", "at most 50"),
+    (
+        "row without input",
+        lambda s: s["dataset"]["rows"].append({"reference": "x"}),
+        "dataset.rows[2].input",
+        "non-empty string",
+    ),
+    (
+        "too many rows",
+        lambda s: s["dataset"].__setitem__("rows", [{"input": f"q{i}", "reference": "r"} for i in range(51)]),
+        "dataset.rows",
+        "at most 50",
+    ),
     ("unknown metric", lambda s: s["metrics"].append("bleurt"), "metrics[3]", "exact_match"),
     ("metric needs reference", lambda s: s["dataset"]["rows"][1].pop("reference"), "metrics[0]", "rows [1]"),
-    ("unknown catalog name", lambda s: s["candidates"][0].__setitem__("model", "gpt-17"), "candidates[0].model",
-     "smollm2-135m-instruct"),
-    ("path outside model roots", lambda s: s["candidates"][1].__setitem__("model", "/etc/models/x"),
-     "candidates[1].model", "outside the model roots"),
-    ("gguf outside model roots", lambda s: s["candidates"][1].__setitem__("model", "/tmp/../root/m.gguf"),
-     "candidates[1].model", "outside the model roots"),
-    ("max_new_tokens over the limit",
-     lambda s: s["candidates"][0].__setitem__("generation", {"max_new_tokens": 100000}),
-     "candidates[0].generation.max_new_tokens", "at most 256"),
-    ("negative temperature", lambda s: s["candidates"][0].__setitem__("generation", {"temperature": -1}),
-     "candidates[0].generation.temperature", "greater than 0"),
+    (
+        "unknown catalog name",
+        lambda s: s["candidates"][0].__setitem__("model", "gpt-17"),
+        "candidates[0].model",
+        "smollm2-135m-instruct",
+    ),
+    (
+        "path outside model roots",
+        lambda s: s["candidates"][1].__setitem__("model", "/etc/models/x"),
+        "candidates[1].model",
+        "outside the model roots",
+    ),
+    (
+        "gguf outside model roots",
+        lambda s: s["candidates"][1].__setitem__("model", "/tmp/../root/m.gguf"),
+        "candidates[1].model",
+        "outside the model roots",
+    ),
+    (
+        "max_new_tokens over the limit",
+        lambda s: s["candidates"][0].__setitem__("generation", {"max_new_tokens": 100000}),
+        "candidates[0].generation.max_new_tokens",
+        "at most 256",
+    ),
+    (
+        "negative temperature",
+        lambda s: s["candidates"][0].__setitem__("generation", {"temperature": -1}),
+        "candidates[0].generation.temperature",
+        "greater than 0",
+    ),
     ("unknown field", lambda s: s.__setitem__("candidate", []), "candidate", "unknown field"),
     ("bad model_type", lambda s: s.__setitem__("model_type", "chat"), "model_type", "question-answering"),
-    ("bad label", lambda s: s["candidates"][0].__setitem__("label", "has space"), "candidates[0].label", "pattern"),
+    (
+        "bad label",
+        lambda s: s["candidates"][0].__setitem__("label", "has space"),
+        "candidates[0].label",
+        "pattern",
+    ),
 ]
 
 
 class TestValidation:
-    @pytest.mark.parametrize(("case", "mutate", "field", "hint"), VALIDATION_CASES, ids=[c[0] for c in VALIDATION_CASES])
+    @pytest.mark.parametrize(
+        ("case", "mutate", "field", "hint"), VALIDATION_CASES, ids=[c[0] for c in VALIDATION_CASES]
+    )
     def test_bad_input_names_the_field_and_nothing_is_queued(
         self, api_only: Stack, redis_client, case, mutate, field, hint
     ):
@@ -216,7 +279,9 @@ class TestValidation:
 
     def test_invalid_json_is_422(self, api_only: Stack):
         response = httpx.post(
-            f"{api_only.api_url}/v1/comparisons", content=b"{not json", headers={"content-type": "application/json"}
+            f"{api_only.api_url}/v1/comparisons",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
         )
         assert response.status_code == 422
         assert response.json()["fields"][0]["field"] == "body"
@@ -299,5 +364,7 @@ def test_gateway_does_not_import_torch_or_transformers():
         "import sys; from services.api.main import create_app; create_app(); "
         "heavy = [m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules]; print(heavy)"
     )
-    out = subprocess.run([__import__("sys").executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [__import__("sys").executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "[]"

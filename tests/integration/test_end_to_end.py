@@ -39,8 +39,12 @@ def stack(redis_url, redis_client, run_id, tmp_path_factory, model_root, tiny_mo
         key_prefix=prefix,
         # Two worker processes share two cores: one torch thread each avoids oversubscription.
         # A short lease lets a redelivered task take over from a killed worker within seconds.
-        extra_env={"MODEL_ROOTS": str(model_root), "TORCH_THREADS": "1", "GENERATION_BATCH_SIZE": "4",
-                   "CANDIDATE_LEASE_S": "8"},
+        extra_env={
+            "MODEL_ROOTS": str(model_root),
+            "TORCH_THREADS": "1",
+            "GENERATION_BATCH_SIZE": "4",
+            "CANDIDATE_LEASE_S": "8",
+        },
     )
     try:
         stack.start()
@@ -78,14 +82,28 @@ def tiny_spec(tiny_models: dict[str, Path], **overrides: Any) -> dict[str, Any]:
         "experiment": "e2e-tiny",
         "model_type": "question-answering",
         "candidates": [
-            {"label": "causal", "model": str(tiny_models["causal"]), "system_prompt": "Be brief.",
-             "generation": {"max_new_tokens": 8}},
-            {"label": "t5", "model": str(tiny_models["seq2seq"]), "prompt_template": "question: {input}",
-             "generation": {"max_new_tokens": 6}},
+            {
+                "label": "causal",
+                "model": str(tiny_models["causal"]),
+                "system_prompt": "Be brief.",
+                "generation": {"max_new_tokens": 8},
+            },
+            {
+                "label": "t5",
+                "model": str(tiny_models["seq2seq"]),
+                "prompt_template": "question: {input}",
+                "generation": {"max_new_tokens": 6},
+            },
         ],
         "dataset": {"rows": ROWS},
-        "metrics": ["exact_match", "contains_reference", "output_tokens", "output_words", "latency",
-                    "ari_grade_level"],
+        "metrics": [
+            "exact_match",
+            "contains_reference",
+            "output_tokens",
+            "output_words",
+            "latency",
+            "ari_grade_level",
+        ],
         "tags": {"team": "e2e"},
     }
     spec.update(overrides)
@@ -110,7 +128,12 @@ class TestTwoCandidates:
             assert candidate["progress"] == {"done": 5, "total": 5}
             assert candidate["error"] is None
             assert set(candidate["metrics"]) == {
-                "exact_match", "contains_reference", "output_tokens", "output_words", "latency", "ari_grade_level"
+                "exact_match",
+                "contains_reference",
+                "output_tokens",
+                "output_words",
+                "latency",
+                "ari_grade_level",
             }
             assert 0 <= candidate["metrics"]["exact_match"] <= 1
             assert candidate["metrics"]["latency"] > 0
@@ -167,7 +190,12 @@ class TestTwoCandidates:
             assert params["chat_template_applied"] == ("True" if label == "causal" else "False")
             assert params["generation.max_new_tokens"] == ("8" if label == "causal" else "6")
             metrics = run.data.metrics
-            for name in ("exact_match/mean", "output_tokens/mean", "latency_seconds/mean", "ari_grade_level/v1/mean"):
+            for name in (
+                "exact_match/mean",
+                "output_tokens/mean",
+                "latency_seconds/mean",
+                "ari_grade_level/v1/mean",
+            ):
                 assert name in metrics, (name, sorted(metrics))
             artifacts = [a.path for a in mlflow_client.list_artifacts(run.info.run_id)]
             assert "eval_results_table.json" in artifacts
@@ -184,7 +212,9 @@ class TestTwoCandidates:
         for candidate in final["candidates"]:
             rows = table[table["run_id"] == candidate["mlflow_run_id"]].sort_values("row_index")
             assert rows["inputs"].tolist() == [r["input"] for r in ROWS]
-            assert rows["output"].tolist() == [r["outputs"][candidate["label"]]["output"] for r in results["rows"]]
+            assert rows["output"].tolist() == [
+                r["outputs"][candidate["label"]]["output"] for r in results["rows"]
+            ]
             assert rows["exact_match/score"].tolist() == [
                 r["outputs"][candidate["label"]]["scores"]["exact_match"] for r in results["rows"]
             ]
@@ -198,7 +228,9 @@ class TestTwoCandidates:
         assert {c["label"]: c["metrics"] for c in summary["candidates"]} == {
             c["label"]: c["metrics"] for c in tiny_run["final"]["candidates"]
         }
-        html = Path(mlflow_client.download_artifacts(parent_id, "comparison_summary.html", str(tmp_path))).read_text()
+        html = Path(
+            mlflow_client.download_artifacts(parent_id, "comparison_summary.html", str(tmp_path))
+        ).read_text()
         assert "What is the capital of France?" in html and "exact_match" in html
 
     def test_readyz_with_everything_up(self, stack):
@@ -226,13 +258,20 @@ def test_a_failing_candidate_does_not_stop_the_other(client, mlflow_client, tiny
     assert all(isinstance(r["outputs"]["causal"]["output"], str) for r in results["rows"])
 
 
-def test_a_cancelled_comparison_is_skipped_by_workers(redis_url, redis_client, run_id, tmp_path, tiny_models,
-                                                      model_root, stack):
+def test_a_cancelled_comparison_is_skipped_by_workers(
+    redis_url, redis_client, run_id, tmp_path, tiny_models, model_root, stack
+):
     """Cancel while queued (no worker listens yet), then start a worker: it must not run it."""
     queue = f"test-cancel-{run_id}"
     isolated = Stack(
-        run_dir=tmp_path, redis_url=redis_url, api_port=free_port(), mlflow_port=stack.mlflow_port,
-        workers=1, queue_name=queue, key_prefix=queue, extra_env={"MODEL_ROOTS": str(model_root)},
+        run_dir=tmp_path,
+        redis_url=redis_url,
+        api_port=free_port(),
+        mlflow_port=stack.mlflow_port,
+        workers=1,
+        queue_name=queue,
+        key_prefix=queue,
+        extra_env={"MODEL_ROOTS": str(model_root)},
     )
     try:
         isolated.start_api()

@@ -59,7 +59,9 @@ def test_candidate_transitions_record_times_and_fields(store):
     assert store.transition_candidate(
         "c3", "a", CandidateState.failed, allowed_from=[CandidateState.running], error="boom"
     )
-    assert not store.transition_candidate("c3", "a", CandidateState.succeeded, allowed_from=[CandidateState.running])
+    assert not store.transition_candidate(
+        "c3", "a", CandidateState.succeeded, allowed_from=[CandidateState.running]
+    )
     cand = store.candidate("c3", "a")
     assert cand["status"] == "failed" and cand["error"] == "boom"
     assert cand["started_at"] <= cand["finished_at"]

@@ -9,7 +9,12 @@ from services.worker.models import load_model
 from shared.schemas import CandidateSpec
 from shared.settings import Settings
 
-PROMPTS = ["What is the capital of France?", "Name a large planet.", "hi", "Answer the question with one word."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Name a large planet.",
+    "hi",
+    "Answer the question with one word.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +64,12 @@ def test_greedy_batch_equals_one_at_a_time(kind, causal, seq2seq):
     chat = wants_chat_template(candidate, loaded)
     prompts = [render_prompt(candidate, loaded, {"input": p}, chat=chat) for p in PROMPTS]
     progress: list[int] = []
-    batched = generate_outputs(candidate=candidate, loaded=loaded, prompts=prompts, batch_size=3,
-                               on_batch=progress.append)
-    single = [generate_outputs(candidate=candidate, loaded=loaded, prompts=[p], batch_size=1)[0] for p in prompts]
+    batched = generate_outputs(
+        candidate=candidate, loaded=loaded, prompts=prompts, batch_size=3, on_batch=progress.append
+    )
+    single = [
+        generate_outputs(candidate=candidate, loaded=loaded, prompts=[p], batch_size=1)[0] for p in prompts
+    ]
     assert [g.output for g in batched] == [g.output for g in single]
     assert [g.output_tokens for g in batched] == [g.output_tokens for g in single]
     assert all(0 < g.output_tokens <= 8 for g in batched)
@@ -70,7 +78,9 @@ def test_greedy_batch_equals_one_at_a_time(kind, causal, seq2seq):
 
 def test_sampling_is_reproducible_with_a_seed(causal):
     candidate = CandidateSpec(
-        label="s", model="m", generation={"max_new_tokens": 6, "do_sample": True, "temperature": 1.5, "seed": 3}
+        label="s",
+        model="m",
+        generation={"max_new_tokens": 6, "do_sample": True, "temperature": 1.5, "seed": 3},
     )
     first = generate_outputs(candidate=candidate, loaded=causal, prompts=PROMPTS, batch_size=4)
     second = generate_outputs(candidate=candidate, loaded=causal, prompts=PROMPTS, batch_size=4)

@@ -70,7 +70,9 @@ def test_mlflow_runs_uri(tiny_models, settings, tmp_path, monkeypatch):
     with mlflow.start_run() as run:
         # Explicit requirements: the inferred ones would ask for torchvision, which is not installed.
         mlflow.transformers.log_model(
-            {"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
+            {"model": model, "tokenizer": tokenizer},
+            name="model",
+            task="text-generation",
             pip_requirements=["torch", "transformers"],
         )
     loaded = load_model(f"runs:/{run.info.run_id}/model", revision=None, settings=settings)

@@ -59,9 +59,13 @@ async def _read_submission(request: Request, max_bytes: int) -> ComparisonCreate
         form = await request.form()
         raw_spec, upload = form.get("spec"), form.get("file")
         if not isinstance(raw_spec, str):
-            raise InvalidComparison([FieldProblem("spec", "send the comparison as a form field 'spec' holding JSON")])
+            raise InvalidComparison(
+                [FieldProblem("spec", "send the comparison as a form field 'spec' holding JSON")]
+            )
         if not isinstance(upload, UploadFile):
-            raise InvalidComparison([FieldProblem("file", "attach the dataset as a file field 'file' (.jsonl or .csv)")])
+            raise InvalidComparison(
+                [FieldProblem("file", "attach the dataset as a file field 'file' (.jsonl or .csv)")]
+            )
         content = await upload.read()
         if len(content) > max_bytes:
             raise PayloadTooLarge(f"The dataset file is {len(content)} bytes; the limit is {max_bytes}")
@@ -73,7 +77,11 @@ async def _read_submission(request: Request, max_bytes: int) -> ComparisonCreate
             raise InvalidComparison([FieldProblem("spec", "must be a JSON object")])
         if "dataset" in data:
             raise InvalidComparison(
-                [FieldProblem("spec.dataset", "give the dataset either inline or as the uploaded file, not both")]
+                [
+                    FieldProblem(
+                        "spec.dataset", "give the dataset either inline or as the uploaded file, not both"
+                    )
+                ]
             )
         data["dataset"] = {"rows": parse_dataset_file(upload.filename or "", content)}
         return _parse(data)
@@ -152,4 +160,6 @@ def get_results(
 def cancel_comparison(
     comparison_id: str, store: StoreDep, publisher: PublisherDep, settings: SettingsDep
 ) -> ComparisonRead:
-    return service.cancel_comparison(comparison_id=comparison_id, store=store, publisher=publisher, settings=settings)
+    return service.cancel_comparison(
+        comparison_id=comparison_id, store=store, publisher=publisher, settings=settings
+    )
