@@ -154,6 +154,17 @@ class ComparisonPage(BaseModel):
     offset: int
 
 
+class FieldErrorRead(BaseModel):
+    field: str = Field(description="Where the problem is, e.g. candidates[1].label")
+    message: str = Field(description="What is wrong and how to fix it")
+
+
+class ErrorRead(BaseModel):
+    error: str = Field(description="invalid_request, not_found, conflict, payload_too_large, unavailable")
+    message: str
+    fields: list[FieldErrorRead] = Field(default_factory=list)
+
+
 class CandidateOutput(BaseModel):
     output: str | None
     scores: dict[str, float | None] = Field(default_factory=dict)

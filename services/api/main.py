@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -13,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.api.errors import PayloadTooLarge, install_error_handlers
 from services.api.queue import Publisher
 from services.api.routes import catalog, comparisons, health
+from shared.schemas import ComparisonCreate
 from shared.settings import Settings, get_settings
 from shared.store import ComparisonStore
 
@@ -75,4 +77,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(catalog.router)
     app.include_router(comparisons.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    _document_submission_schema(app)
     return app
+
+
+def _document_submission_schema(app: FastAPI) -> None:
+    """The submit route reads its body itself (JSON or multipart), so FastAPI cannot see the
+    request model; add ComparisonCreate and its parts to the OpenAPI components by hand."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        body = ComparisonCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(body.pop("$defs", {}))
+        components["ComparisonCreate"] = body
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -341,7 +341,13 @@ class TestCatalogAndHealth:
     def test_openapi_docs(self, api_only: Stack):
         schema = httpx.get(f"{api_only.api_url}/openapi.json").json()
         assert "/v1/comparisons" in schema["paths"]
-        assert "multipart/form-data" in schema["paths"]["/v1/comparisons"]["post"]["requestBody"]["content"]
+        content = schema["paths"]["/v1/comparisons"]["post"]["requestBody"]["content"]
+        assert "multipart/form-data" in content
+        # Every schema the submit body refers to is defined, so /docs renders it.
+        assert content["application/json"]["schema"]["$ref"] == "#/components/schemas/ComparisonCreate"
+        components = schema["components"]["schemas"]
+        assert {"ComparisonCreate", "CandidateSpec", "GenerationConfig", "DatasetSpec"} <= set(components)
+        assert components["ComparisonCreate"]["required"] == ["candidates", "dataset"]
         assert httpx.get(f"{api_only.api_url}/docs").status_code == 200
 
 

@@ -21,9 +21,18 @@ from shared.schemas import (
     ComparisonRead,
     ComparisonResults,
     ComparisonStatus,
+    ErrorRead,
 )
 
-router = APIRouter(prefix="/v1/comparisons", tags=["comparisons"])
+router = APIRouter(
+    prefix="/v1/comparisons",
+    tags=["comparisons"],
+    responses={
+        404: {"model": ErrorRead, "description": "No such comparison"},
+        422: {"model": ErrorRead, "description": "Invalid request: every offending field, with the fix"},
+        503: {"model": ErrorRead, "description": "Redis or the queue is unavailable; nothing was queued"},
+    },
+)
 
 _SUBMIT_BODY = {
     "requestBody": {
