@@ -56,8 +56,10 @@ def print_table(results: dict[str, Any]) -> None:
         for label in labels:
             out = row["outputs"][label]
             text = out["output"]
-            if out["scores"].get("exact_match") is not None:
-                text = f"{text}  [{'✓' if out['scores']['exact_match'] else '✗'}]"
+            # Mark rows where the answer holds the reference (or matches it exactly).
+            hit = out["scores"].get("contains_reference", out["scores"].get("exact_match"))
+            if hit is not None:
+                text = f"{text}  [{'✓' if hit else '✗'}]"
             cells.append(_cell(text, width))
         for i in range(max(len(c) for c in cells)):
             print("|" + "|".join(f" {(c[i] if i < len(c) else ''):<{width}} " for c in cells) + "|")

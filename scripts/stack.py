@@ -106,6 +106,7 @@ class Stack:
             HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
             HF_DATASETS_OFFLINE=env.get("HF_DATASETS_OFFLINE", "1"),
             MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK="true",
+            MLFLOW_DISABLE_TELEMETRY="true",
             PYTHONUNBUFFERED="1",
         )
         env.update(self.extra_env)

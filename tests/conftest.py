@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import redis
 
+# The tests talk to MLflow servers too; keep its telemetry thread (and its os.environ edits) out.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 from scripts.stack import Stack, free_port, redis_answers
 from shared.client import ComparisonClient
 from tests.fixtures.tiny_models import build_all

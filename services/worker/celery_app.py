@@ -13,6 +13,10 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Logging models offline would otherwise run a pip dry run against the registry.
 os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
+# MLflow's usage telemetry sets and unsets an environment variable from a background thread while
+# requests iterates os.environ, which failed a task with KeyError('_MLFLOW_TELEMETRY_SESSION_ID');
+# a worker also has no network to send it over.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import structlog  # noqa: E402
 from celery import Celery, signals  # noqa: E402

@@ -14,7 +14,7 @@ from services.worker.metrics import build_metrics, model_type_builtins
 _ROW_COLUMNS_RESERVED = {
     "inputs",
     "prompt",
-    "output",
+    "outputs",
     "reference",
     "output_token_count",
     "latency_s",
@@ -39,7 +39,9 @@ def build_frame(rows: list[dict[str, Any]], prompts: list[str], generated: list[
         "row_index": list(range(len(rows))),
         "inputs": [row["input"] for row in rows],
         "prompt": prompts,
-        "output": [g.output for g in generated],
+        # MLflow names the predictions column "outputs" in its table when there are no targets;
+        # using that name always keeps every run's table alike for mlflow.load_table.
+        "outputs": [g.output for g in generated],
         "output_token_count": [g.output_tokens for g in generated],
         "latency_s": [g.latency_s for g in generated],
     }
@@ -75,7 +77,7 @@ def evaluate_outputs(
         # call. The ones that can run here were probed and are passed explicitly instead.
         result = mlflow.evaluate(
             data=data,
-            predictions="output",
+            predictions="outputs",
             targets="reference" if with_targets else None,
             model_type=None,
             extra_metrics=list(named.values()),

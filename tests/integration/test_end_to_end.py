@@ -212,7 +212,7 @@ class TestTwoCandidates:
         for candidate in final["candidates"]:
             rows = table[table["run_id"] == candidate["mlflow_run_id"]].sort_values("row_index")
             assert rows["inputs"].tolist() == [r["input"] for r in ROWS]
-            assert rows["output"].tolist() == [
+            assert rows["outputs"].tolist() == [
                 r["outputs"][candidate["label"]]["output"] for r in results["rows"]
             ]
             assert rows["exact_match/score"].tolist() == [

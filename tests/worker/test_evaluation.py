@@ -1,0 +1,74 @@
+"""mlflow.evaluate() on generated outputs, against a real (SQLite) MLflow tracking store."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from services.worker.evaluation import evaluate_outputs
+from services.worker.generation import Generated
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("evaluation", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(experiment_id)
+    yield client, experiment_id, run.info.run_id
+    mlflow.set_tracking_uri(None)
+
+
+GENERATED = [Generated("Paris.", 3, 0.5), Generated("It is Rome, I think", 6, 1.5)]
+
+
+@pytest.mark.parametrize("with_references", [True, False])
+def test_scores_per_row_and_aggregates(run, with_references):
+    client, experiment_id, run_id = run
+    rows = [{"input": "Capital of France?", "topic": "geo"}, {"input": "Capital of Italy?", "topic": "geo"}]
+    metrics = ["output_tokens", "output_words", "latency", "ari_grade_level"]
+    if with_references:
+        rows[0]["reference"], rows[1]["reference"] = "Paris", "Rome"
+        metrics = ["exact_match", "contains_reference", *metrics]
+    scored = evaluate_outputs(
+        run_id=run_id,
+        experiment_id=experiment_id,
+        rows=rows,
+        prompts=["p0", "p1"],
+        generated=GENERATED,
+        metric_names=metrics,
+        model_type=None,
+    )
+    assert [s["output_tokens"] for s in scored["row_scores"]] == [3.0, 6.0]
+    assert [s["output_words"] for s in scored["row_scores"]] == [1.0, 5.0]
+    assert [s["latency"] for s in scored["row_scores"]] == [0.5, 1.5]
+    assert scored["metrics"]["latency"] == 1.0
+    assert scored["aggregates"]["output_tokens"]["mean"] == 4.5
+    if with_references:
+        assert [s["exact_match"] for s in scored["row_scores"]] == [1.0, 0.0]
+        assert [s["contains_reference"] for s in scored["row_scores"]] == [1.0, 1.0]
+    logged = client.get_run(run_id).data.metrics
+    assert logged["latency_seconds/mean"] == 1.0
+    table = client.load_table(experiment_id, "eval_results_table.json", run_ids=[run_id])
+    # The same column names whether or not the rows carry references.
+    assert table["outputs"].tolist() == ["Paris.", "It is Rome, I think"]
+    assert table["inputs"].tolist() == ["Capital of France?", "Capital of Italy?"]
+    assert table["topic"].tolist() == ["geo", "geo"]
+
+
+def test_model_type_builtins_that_cannot_run_are_reported(run, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    client, experiment_id, run_id = run
+    scored = evaluate_outputs(
+        run_id=run_id,
+        experiment_id=experiment_id,
+        rows=[{"input": "hi"}],
+        prompts=["hi"],
+        generated=[Generated("Hello there.", 3, 0.1)],
+        metric_names=["output_words"],
+        model_type="text",
+    )
+    assert "toxicity" in scored["skipped_builtins"]
+    assert scored["metrics"]["output_words"] == 2.0
