@@ -67,13 +67,33 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def print_metrics(state: dict[str, Any]) -> None:
+    """One line per metric, a column per candidate: mean [95% interval]."""
+    labels = [c["label"] for c in state["candidates"]]
     names = list(dict.fromkeys(m for c in state["candidates"] for m in c["metrics"]))
-    print(f"{'candidate':<16}" + "".join(f"{n:>20}" for n in names))
+    width = 26
+    print(f"{'metric':<22}" + "".join(f"{label[:width]:>{width}}" for label in labels))
+    for name in names:
+        cells = []
+        for c in state["candidates"]:
+            agg = c.get("aggregates", {}).get(name, {})
+            if name not in c["metrics"]:
+                cells.append(f"{'—':>{width}}")
+            elif agg.get("n", 0) > 1:
+                cells.append(f"{agg['mean']:.3g} [{agg['ci_low']:.3g}, {agg['ci_high']:.3g}]".rjust(width))
+            else:
+                cells.append(f"{c['metrics'][name]:.3g}".rjust(width))
+        print(f"{name:<22}" + "".join(cells))
     for c in state["candidates"]:
-        values = "".join(f"{c['metrics'][n]:>20.4g}" if n in c["metrics"] else f"{'—':>20}" for n in names)
-        print(f"{c['label']:<16}{values}")
         if c.get("error"):
-            print(f"  error: {c['error']}")
+            print(f"  {c['label']} failed: {c['error']}")
+    decided = [p for p in state.get("pairwise", []) if p["better"]]
+    print()
+    if decided:
+        print("Paired verdicts (95% paired-bootstrap interval, permutation p-value):")
+        for pair in decided:
+            print(f"  {pair['verdict']}")
+    else:
+        print("No metric separates the candidates beyond noise on these rows (paired tests, 5% level).")
 
 
 def main() -> int:

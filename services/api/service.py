@@ -84,6 +84,7 @@ def _to_read(record: dict[str, Any], store: ComparisonStore, settings: Settings)
                 status=CandidateState(cand["status"]),
                 progress=Progress(done=cand["done"], total=cand["total"]),
                 metrics=cand["metrics"],
+                aggregates=cand["aggregates"],
                 mlflow_run_id=run_id,
                 mlflow_run_url=f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
                 if run_id and experiment_id
@@ -112,6 +113,7 @@ def _to_read(record: dict[str, Any], store: ComparisonStore, settings: Settings)
         finished_at=record.get("finished_at"),
         mlflow=MlflowLinks(experiment_id=experiment_id, parent_run_id=parent, url=url),
         candidates=candidates,
+        pairwise=record["pairwise"],
         error=record.get("error"),
     )
 

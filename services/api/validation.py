@@ -7,6 +7,8 @@ It returns every problem at once so a client can fix a request in one round trip
 
 from __future__ import annotations
 
+import re
+
 from services.api.errors import FieldProblem, InvalidComparison
 from shared.catalog import CATALOG
 from shared.metrics import DEFAULT_METRICS, METRICS
@@ -25,7 +27,10 @@ def resolve_metrics(spec: ComparisonCreate) -> list[str]:
     if spec.metrics is not None:
         return list(dict.fromkeys(spec.metrics))
     every_row_has_reference = all(_has_reference(row) for row in spec.dataset.rows)
-    return [m for m in DEFAULT_METRICS if every_row_has_reference or not METRICS[m].needs_reference]
+    chosen = [m for m in DEFAULT_METRICS if every_row_has_reference or not METRICS[m].needs_reference]
+    if spec.regex is not None:
+        chosen.append("regex_match")
+    return chosen
 
 
 def validate_comparison(spec: ComparisonCreate, settings: Settings) -> list[str]:
@@ -149,9 +154,14 @@ def _check_templates_against_rows(spec: ComparisonCreate) -> list[FieldProblem]:
 
 
 def _check_metrics(spec: ComparisonCreate) -> list[FieldProblem]:
-    if spec.metrics is None:
-        return []
     problems: list[FieldProblem] = []
+    if spec.regex is not None:
+        try:
+            re.compile(spec.regex)
+        except re.error as exc:
+            problems.append(FieldProblem("regex", f"not a valid regular expression ({exc})"))
+    if spec.metrics is None:
+        return problems
     if not spec.metrics:
         problems.append(
             FieldProblem("metrics", f"give at least one metric, or omit the field for {DEFAULT_METRICS}")
@@ -169,6 +179,13 @@ def _check_metrics(spec: ComparisonCreate) -> list[FieldProblem]:
                     f"metrics[{i}]",
                     f"{name} needs a 'reference' on every row, but rows {without_reference[:5]} have "
                     "none; add references or drop the metric",
+                )
+            )
+        elif info.needs_option and getattr(spec, info.needs_option) is None:
+            problems.append(
+                FieldProblem(
+                    f"metrics[{i}]",
+                    f"{name} needs the field '{info.needs_option}'; set it or drop the metric",
                 )
             )
     return problems

@@ -10,6 +10,7 @@ import pandas as pd
 
 from services.worker.generation import Generated
 from services.worker.metrics import build_metrics, model_type_builtins
+from services.worker.stats import aggregate
 
 _ROW_COLUMNS_RESERVED = {
     "inputs",
@@ -62,12 +63,13 @@ def evaluate_outputs(
     generated: list[Generated],
     metric_names: list[str],
     model_type: str | None,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run mlflow.evaluate on the outputs; return aggregates and per-row scores by metric name."""
     import mlflow
 
     data = build_frame(rows, prompts, generated)
-    registry_metrics = dict(zip(metric_names, build_metrics(metric_names), strict=True))
+    registry_metrics = dict(zip(metric_names, build_metrics(metric_names, options), strict=True))
     builtins, skipped = model_type_builtins(model_type, metric_names)
     named = {**registry_metrics, **{m.name: m for m in builtins}}
     with_targets = all(_has_reference(row) for row in rows)
@@ -75,7 +77,7 @@ def evaluate_outputs(
         warnings.simplefilter("ignore", FutureWarning)
         # model_type stays None: its default metrics would be added and, offline, fail the whole
         # call. The ones that can run here were probed and are passed explicitly instead.
-        result = mlflow.evaluate(
+        mlflow.evaluate(
             data=data,
             predictions="outputs",
             targets="reference" if with_targets else None,
@@ -95,11 +97,8 @@ def evaluate_outputs(
             continue
         for i, value in enumerate(table[column].tolist()):
             row_scores[i][name] = _clean(value)
-    aggregates: dict[str, dict[str, float]] = {}
-    for name, metric in named.items():
-        prefix = f"{_metric_key(metric)}/"
-        values = {k[len(prefix) :]: _clean(v) for k, v in result.metrics.items() if k.startswith(prefix)}
-        aggregates[name] = {k: v for k, v in values.items() if v is not None}
+    # One definition of mean, spread and interval for every metric, MLflow built-ins included.
+    aggregates = {name: aggregate([row.get(name) for row in row_scores]) for name in named}
     means = {name: agg["mean"] for name, agg in aggregates.items() if "mean" in agg}
     return {"metrics": means, "aggregates": aggregates, "row_scores": row_scores, "skipped_builtins": skipped}
 

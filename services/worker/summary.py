@@ -16,6 +16,7 @@ def build_summary(
     rows: list[dict[str, Any]],
     candidates: list[dict[str, Any]],
     outputs: dict[str, list[dict[str, Any]] | None],
+    pairwise: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     labels = [c["label"] for c in spec["candidates"]]
     return {
@@ -32,9 +33,11 @@ def build_summary(
                 "error": c.get("error"),
                 "mlflow_run_id": c.get("run_id"),
                 "metrics": c.get("metrics") or {},
+                "aggregates": c.get("aggregates") or {},
             }
             for c in candidates
         ],
+        "pairwise": pairwise or [],
         "rows": side_by_side(rows, labels, outputs),
     }
 
@@ -77,10 +80,27 @@ def render_html(summary: dict[str, Any]) -> str:
         parts.append(f"<tr><td>{e(c['label'])}</td><td>{e(c['model'])}</td><td>{status}</td>")
         for name in metric_names:
             value = c["metrics"].get(name)
+            agg = (c.get("aggregates") or {}).get(name) or {}
             cls = " class='best'" if best[name] == c["label"] else ""
-            parts.append(f"<td{cls}>{'' if value is None else f'{value:.4g}'}</td>")
+            interval = ""
+            if "ci_low" in agg and agg.get("n", 0) > 1:
+                interval = f"<br><small>[{agg['ci_low']:.3g}, {agg['ci_high']:.3g}]</small>"
+            parts.append(f"<td{cls}>{'' if value is None else f'{value:.4g}'}{interval}</td>")
         parts.append("</tr>")
-    parts.append("</table><h2>Outputs side by side</h2><table><tr><th>#</th><th>input</th><th>reference</th>")
+    parts.append("</table><p><small>Mean per candidate, 95% confidence interval below.</small></p>")
+    if summary.get("pairwise"):
+        parts.append("<h2>Paired verdicts</h2><ul>")
+        for pair in summary["pairwise"]:
+            cls = "" if pair["better"] is None else " class='best'"
+            parts.append(
+                f"<li{cls}>{e(pair['verdict'])} · wins/ties/losses for {e(pair['a'])}: "
+                f"{pair['wins']}/{pair['ties']}/{pair['losses']}</li>"
+            )
+        parts.append(
+            "</ul><p><small>Mean paired difference with a seeded paired-bootstrap 95% interval "
+            "(2,000 resamples) and a two-sided sign-flip permutation p-value.</small></p>"
+        )
+    parts.append("<h2>Outputs side by side</h2><table><tr><th>#</th><th>input</th><th>reference</th>")
     parts += [f"<th>{e(label)}</th>" for label in labels]
     parts.append("</tr>")
     for row in summary["rows"]:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from scripts.stack import Stack
+from shared.metrics import DEFAULT_METRICS, METRICS
 
 
 def base_spec(**overrides: Any) -> dict[str, Any]:
@@ -77,20 +78,20 @@ class TestSubmit:
         del spec["experiment"], spec["metrics"]
         body = post(api_only, spec).json()
         assert body["experiment"] == "llm-compare"
-        assert body["metrics"] == [
-            "exact_match",
-            "contains_reference",
-            "output_tokens",
-            "output_words",
-            "latency",
-            "ari_grade_level",
-        ]
+        assert body["metrics"] == DEFAULT_METRICS
+        assert {"exact_match", "token_f1", "rougeL", "semantic_similarity", "latency"} <= set(body["metrics"])
 
     def test_default_metrics_skip_reference_metrics_without_references(self, api_only: Stack):
         spec = base_spec(dataset={"rows": [{"input": "Say hi"}]})
         del spec["metrics"]
         body = post(api_only, spec).json()
-        assert body["metrics"] == ["output_tokens", "output_words", "latency", "ari_grade_level"]
+        assert body["metrics"] == [m for m in DEFAULT_METRICS if not METRICS[m].needs_reference]
+        assert "exact_match" not in body["metrics"] and "output_tokens" in body["metrics"]
+
+    def test_a_regex_adds_regex_match_to_the_defaults(self, api_only: Stack):
+        spec = base_spec(regex=r"^\d+$")
+        del spec["metrics"]
+        assert post(api_only, spec).json()["metrics"][-1] == "regex_match"
 
     def test_get_list_and_results_of_a_queued_comparison(self, api_only: Stack, api_client):
         created = api_client.submit(base_spec(name="listed"))
@@ -250,6 +251,18 @@ VALIDATION_CASES = [
         "candidates[0].label",
         "pattern",
     ),
+    (
+        "invalid regex",
+        lambda s: s.__setitem__("regex", "(unclosed"),
+        "regex",
+        "not a valid regular expression",
+    ),
+    (
+        "regex_match without regex",
+        lambda s: s["metrics"].append("regex_match"),
+        "metrics[3]",
+        "needs the field",
+    ),
 ]
 
 
@@ -326,7 +339,11 @@ class TestCatalogAndHealth:
         assert metrics["exact_match"]["needs_reference"] is True
         assert metrics["exact_match"]["greater_is_better"] is True
         assert metrics["latency"]["greater_is_better"] is False
-        assert all(m["description"] for m in metrics.values())
+        assert metrics["output_tokens"]["needs_tokenizer"] is True
+        assert metrics["regex_match"]["needs_option"] == "regex"
+        assert metrics["semantic_similarity"]["group"] == "reference"
+        assert all(m["description"] and m["offline"] for m in metrics.values())
+        assert set(metrics) == set(METRICS)
 
     def test_healthz(self, api_only: Stack):
         assert httpx.get(f"{api_only.api_url}/healthz").json() == {"status": "ok"}

@@ -138,6 +138,26 @@ class TestTwoCandidates:
             assert 0 <= candidate["metrics"]["exact_match"] <= 1
             assert candidate["metrics"]["latency"] > 0
             assert candidate["mlflow_run_url"].endswith(candidate["mlflow_run_id"])
+            agg = candidate["aggregates"]["output_tokens"]
+            assert agg["n"] == 5 and agg["ci_low"] <= agg["mean"] <= agg["ci_high"]
+            assert agg["mean"] == pytest.approx(candidate["metrics"]["output_tokens"])
+
+    def test_paired_statistics_for_every_metric(self, tiny_run, client):
+        final = tiny_run["final"]
+        pairs = {p["metric"]: p for p in final["pairwise"]}
+        assert set(pairs) == set(final["metrics"])
+        results = client.results(tiny_run["id"])
+        tokens = pairs["output_tokens"]
+        assert (tokens["a"], tokens["b"], tokens["n"]) == ("causal", "t5", 5)
+        diffs = [
+            r["outputs"]["causal"]["scores"]["output_tokens"] - r["outputs"]["t5"]["scores"]["output_tokens"]
+            for r in results["rows"]
+        ]
+        assert tokens["mean_diff"] == pytest.approx(sum(diffs) / 5)
+        # Fewer tokens is better for output_tokens: a row is a win for causal when its diff < 0.
+        assert (tokens["wins"], tokens["losses"]) == (sum(d < 0 for d in diffs), sum(d > 0 for d in diffs))
+        assert tokens["ci_low"] <= tokens["mean_diff"] <= tokens["ci_high"]
+        assert 0 < tokens["p_value"] <= 1 and tokens["metric"] in tokens["verdict"]
 
     def test_candidates_ran_in_parallel_on_different_workers(self, tiny_run):
         workers = {c["worker"] for c in tiny_run["final"]["candidates"]}
@@ -340,6 +360,12 @@ def test_real_smollm2_comparison(client, mlflow_client):
     assert "paris" in greedy[0].lower()  # "What is the capital of France?"
     by_label = {c["label"]: c for c in final["candidates"]}
     assert by_label["greedy"]["metrics"]["contains_reference"] >= 0.5
+    # The default metric set, reference metrics included, on the real model.
+    for name in ("token_f1", "rougeL", "semantic_similarity", "repetition", "refusal", "tokens_per_second"):
+        assert name in by_label["greedy"]["metrics"], name
+    assert by_label["greedy"]["metrics"]["semantic_similarity"] > 0.3
+    verdicts = {(p["metric"], p["a"], p["b"]) for p in final["pairwise"]}
+    assert ("semantic_similarity", "greedy", "sampled-t0.7") in verdicts
     run = mlflow_client.get_run(by_label["greedy"]["mlflow_run_id"])
     assert run.data.params["model_resolved"].startswith("SmolLM2-135M-Instruct.Q4_1.gguf sha256:")
     assert run.data.params["chat_template_applied"] == "True"

@@ -31,8 +31,12 @@ def list_metrics() -> list[MetricRead]:
         MetricRead(
             name=info.name,
             description=info.description,
+            group=info.group,
             greater_is_better=info.greater_is_better,
             needs_reference=info.needs_reference,
+            needs_tokenizer=info.needs_tokenizer,
+            needs_option=info.needs_option,
+            offline=info.offline,
             default=info.default,
         )
         for info in METRICS.values()
