@@ -6,7 +6,9 @@ checks that the two agree. ``GET /v1/metrics`` serves this registry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,11 @@ class MetricInfo:
     offline: bool = True
     default: bool = False
     group: str = "text"
+    # Loaded by workers from CUSTOM_METRIC_MODULES or the llm_compare.metrics entry points.
+    custom: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
 
 
 METRICS: dict[str, MetricInfo] = {
@@ -188,3 +195,10 @@ METRICS: dict[str, MetricInfo] = {
 }
 
 DEFAULT_METRICS: list[str] = [name for name, info in METRICS.items() if info.default]
+
+
+def metric_registry(redis_client: Any, prefix: str) -> dict[str, MetricInfo]:
+    """Built-in metrics plus the custom ones that workers have published to Redis."""
+    published = redis_client.hgetall(f"{prefix}:metrics:custom") or {}
+    custom = {name: MetricInfo(**json.loads(raw)) for name, raw in published.items() if name not in METRICS}
+    return {**METRICS, **custom}

@@ -228,6 +228,7 @@ class MetricRead(BaseModel):
     needs_option: str | None
     offline: bool
     default: bool
+    custom: bool
 
 
 def template_fields(template: str) -> set[str]:

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
 
     # Local paths a candidate may load from (directories or .gguf files below these).
     model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [Path("/models")])
+    # Python modules whose METRICS list adds metrics (see examples/custom_metrics.py).
+    custom_metric_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Worker behaviour
     # De-quantised copies of GGUF files, so each file is converted once per host.
@@ -51,6 +53,13 @@ class Settings(BaseSettings):
     candidate_lease_s: int = Field(600, ge=5)
     task_max_retries: int = Field(3, ge=0)
     result_ttl_s: int = Field(30 * 24 * 3600, ge=60)
+
+    @field_validator("custom_metric_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.replace(",", ":").split(":") if part.strip()]
+        return value
 
     @field_validator("model_roots", mode="before")
     @classmethod

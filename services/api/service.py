@@ -12,6 +12,7 @@ import structlog
 from services.api.errors import Conflict, NotFound, ServiceUnavailable
 from services.api.queue import Publisher, QueueUnavailable
 from services.api.validation import validate_comparison
+from shared.metrics import metric_registry
 from shared.results import side_by_side
 from shared.schemas import (
     CandidateState,
@@ -34,7 +35,7 @@ log = structlog.get_logger()
 def submit_comparison(
     *, spec: ComparisonCreate, store: ComparisonStore, publisher: Publisher, settings: Settings
 ) -> ComparisonRead:
-    metrics = validate_comparison(spec, settings)
+    metrics = validate_comparison(spec, settings, metric_registry(store.r, store.prefix))
     comparison_id = uuid.uuid4().hex
     experiment = spec.experiment or settings.default_experiment
     store.create(comparison_id=comparison_id, spec=spec, experiment=experiment, metrics=metrics)

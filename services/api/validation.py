@@ -11,7 +11,7 @@ import re
 
 from services.api.errors import FieldProblem, InvalidComparison
 from shared.catalog import CATALOG
-from shared.metrics import DEFAULT_METRICS, METRICS
+from shared.metrics import DEFAULT_METRICS, METRICS, MetricInfo
 from shared.schemas import ComparisonCreate, template_fields
 from shared.settings import Settings
 from shared.sources import SourceKind, classify_model, is_under_roots
@@ -33,14 +33,20 @@ def resolve_metrics(spec: ComparisonCreate) -> list[str]:
     return chosen
 
 
-def validate_comparison(spec: ComparisonCreate, settings: Settings) -> list[str]:
-    """Raise InvalidComparison listing every problem; return the metrics to compute."""
+def validate_comparison(
+    spec: ComparisonCreate, settings: Settings, registry: dict[str, MetricInfo] | None = None
+) -> list[str]:
+    """Raise InvalidComparison listing every problem; return the metrics to compute.
+
+    ``registry`` is every metric the workers can run (built-in plus published custom ones).
+    """
+    registry = registry if registry is not None else METRICS
     problems: list[FieldProblem] = []
     problems += _check_candidates(spec, settings)
     problems += _check_dataset(spec, settings)
     if not problems:
         problems += _check_templates_against_rows(spec)
-        problems += _check_metrics(spec)
+        problems += _check_metrics(spec, registry)
     if problems:
         raise InvalidComparison(problems)
     return resolve_metrics(spec)
@@ -153,7 +159,7 @@ def _check_templates_against_rows(spec: ComparisonCreate) -> list[FieldProblem]:
     return problems
 
 
-def _check_metrics(spec: ComparisonCreate) -> list[FieldProblem]:
+def _check_metrics(spec: ComparisonCreate, registry: dict[str, MetricInfo]) -> list[FieldProblem]:
     problems: list[FieldProblem] = []
     if spec.regex is not None:
         try:
@@ -168,10 +174,10 @@ def _check_metrics(spec: ComparisonCreate) -> list[FieldProblem]:
         )
     without_reference = [i for i, row in enumerate(spec.dataset.rows) if not _has_reference(row)]
     for i, name in enumerate(spec.metrics):
-        info = METRICS.get(name)
+        info = registry.get(name)
         if info is None:
             problems.append(
-                FieldProblem(f"metrics[{i}]", f"unknown metric {name!r}; known metrics: {sorted(METRICS)}")
+                FieldProblem(f"metrics[{i}]", f"unknown metric {name!r}; known metrics: {sorted(registry)}")
             )
         elif info.needs_reference and without_reference:
             problems.append(

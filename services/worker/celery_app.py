@@ -38,3 +38,14 @@ def _configure_torch(**_: object) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+@signals.worker_ready.connect
+def _publish_custom_metrics(**_: object) -> None:
+    """Let the gateway know which custom metrics this worker can run (it imports no worker code)."""
+    from services.worker.custom_metrics import load_custom_metrics, publish
+    from shared.store import ComparisonStore
+
+    settings = get_settings()
+    store = ComparisonStore.from_url(settings.redis_url, prefix=settings.key_prefix)
+    publish(store.r, settings.key_prefix, load_custom_metrics(settings))

@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from services.worker.custom_metrics import CustomMetric
 from services.worker.generation import Generated
 from services.worker.metrics import build_metrics, model_type_builtins
 from services.worker.stats import aggregate
@@ -64,12 +65,16 @@ def evaluate_outputs(
     metric_names: list[str],
     model_type: str | None,
     options: dict[str, Any] | None = None,
+    custom: dict[str, CustomMetric] | None = None,
 ) -> dict[str, Any]:
     """Run mlflow.evaluate on the outputs; return aggregates and per-row scores by metric name."""
     import mlflow
 
     data = build_frame(rows, prompts, generated)
-    registry_metrics = dict(zip(metric_names, build_metrics(metric_names, options), strict=True))
+    custom = custom or {}
+    builtin_names = [n for n in metric_names if n not in custom]
+    registry_metrics = dict(zip(builtin_names, build_metrics(builtin_names, options), strict=True))
+    registry_metrics.update({n: custom[n].to_mlflow(rows) for n in metric_names if n in custom})
     builtins, skipped = model_type_builtins(model_type, metric_names)
     named = {**registry_metrics, **{m.name: m for m in builtins}}
     with_targets = all(_has_reference(row) for row in rows)

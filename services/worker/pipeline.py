@@ -13,12 +13,13 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from services.worker import tracking
+from services.worker.custom_metrics import CustomMetric
 from services.worker.errors import is_transient
 from services.worker.generation import (
     GenerationCancelled,
@@ -30,7 +31,7 @@ from services.worker.locks import Lease
 from services.worker.models import ModelCache, ModelLoadError
 from services.worker.stats import paired_compare
 from services.worker.summary import build_summary, render_html
-from shared.metrics import METRICS
+from shared.metrics import METRICS, MetricInfo
 from shared.schemas import (
     FINAL_CANDIDATE_STATES,
     CandidateSpec,
@@ -54,6 +55,10 @@ class WorkerContext:
     models: ModelCache
     # Sends a task by name with kwargs and a task id chosen by the caller.
     dispatch: Dispatch
+    custom_metrics: dict[str, CustomMetric] = field(default_factory=dict)
+
+    def metric_info(self) -> dict[str, MetricInfo]:
+        return {**METRICS, **{name: m.info for name, m in self.custom_metrics.items()}}
 
 
 # ---------------------------------------------------------------------------------------- start
@@ -312,6 +317,7 @@ def _generate_and_evaluate(
         metric_names=spec["metrics"],
         model_type=spec.get("model_type"),
         options={"regex": spec.get("regex")},
+        custom=ctx.custom_metrics,
     )
     if scored["skipped_builtins"]:
         _log_params(client, run_id, {"model_type_metrics_skipped": ",".join(scored["skipped_builtins"])})
@@ -364,7 +370,7 @@ def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
     ]
 
     outputs = {label: store.outputs(comparison_id, label) for label in labels}
-    pairwise = pairwise_statistics(spec["metrics"], candidates, outputs)
+    pairwise = pairwise_statistics(spec["metrics"], candidates, outputs, ctx.metric_info())
     store.set_fields(comparison_id, pairwise=json.dumps(pairwise))
     summary = build_summary(
         comparison_id=comparison_id,
@@ -412,7 +418,10 @@ def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
 
 
 def pairwise_statistics(
-    metric_names: list[str], candidates: list[dict[str, Any]], outputs: dict[str, list[dict[str, Any]] | None]
+    metric_names: list[str],
+    candidates: list[dict[str, Any]],
+    outputs: dict[str, list[dict[str, Any]] | None],
+    registry: dict[str, MetricInfo],
 ) -> list[dict[str, Any]]:
     """Paired comparisons of every two succeeded candidates on every registry metric."""
     done = [
@@ -424,7 +433,7 @@ def pairwise_statistics(
     for i, a in enumerate(done):
         for b in done[i + 1 :]:
             for metric in metric_names:
-                info = METRICS.get(metric)
+                info = registry.get(metric)
                 if info is None:
                     continue
                 result = paired_compare(

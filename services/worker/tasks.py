@@ -14,6 +14,7 @@ from celery import Task
 
 from services.worker import pipeline
 from services.worker.celery_app import app
+from services.worker.custom_metrics import load_custom_metrics
 from services.worker.errors import is_transient
 from services.worker.models import ModelCache
 from shared.settings import get_settings
@@ -34,7 +35,13 @@ def context() -> pipeline.WorkerContext:
     def dispatch(name: str, kwargs: dict[str, Any], task_id: str) -> None:
         app.send_task(name, kwargs=kwargs, task_id=task_id, queue=settings.queue_name)
 
-    return pipeline.WorkerContext(settings=settings, store=store, models=ModelCache(), dispatch=dispatch)
+    return pipeline.WorkerContext(
+        settings=settings,
+        store=store,
+        models=ModelCache(),
+        dispatch=dispatch,
+        custom_metrics=load_custom_metrics(settings),
+    )
 
 
 def _retry_if_transient(task: Task, exc: Exception) -> None:

@@ -44,6 +44,7 @@ def stack(redis_url, redis_client, run_id, tmp_path_factory, model_root, tiny_mo
             "TORCH_THREADS": "1",
             "GENERATION_BATCH_SIZE": "4",
             "CANDIDATE_LEASE_S": "8",
+            "CUSTOM_METRIC_MODULES": "examples.custom_metrics",
         },
     )
     try:
@@ -257,6 +258,36 @@ class TestTwoCandidates:
         response = httpx.get(f"{stack.api_url}/readyz", timeout=10)
         assert response.status_code == 200
         assert response.json()["checks"] == {"redis": "ok", "mlflow": "ok"}
+
+
+def test_custom_metrics_published_by_workers_are_selectable(client, stack, tiny_models):
+    listed = {m["name"]: m for m in httpx.get(f"{stack.api_url}/v1/metrics").json()}
+    assert listed["starts_with_capital"]["custom"] is True
+    assert listed["answer_length_ratio"]["needs_reference"] is True
+    spec = tiny_spec(
+        tiny_models,
+        name="custom-metrics",
+        metrics=["output_words", "starts_with_capital", "answer_length_ratio"],
+    )
+    final = client.wait(client.submit(spec)["id"], timeout=300, poll_s=0.3)
+    assert final["status"] == "succeeded", final
+    results = client.results(final["id"])
+    for row in results["rows"]:
+        for label in ("causal", "t5"):
+            out = row["outputs"][label]
+            text = out["output"].lstrip()
+            assert out["scores"]["starts_with_capital"] == float(bool(text) and text[0].isupper())
+            assert out["scores"]["answer_length_ratio"] == pytest.approx(
+                len(out["output"].split()) / len(row["reference"].split())
+            )
+    assert {p["metric"] for p in final["pairwise"]} == {
+        "output_words",
+        "starts_with_capital",
+        "answer_length_ratio",
+    }
+    # A name no worker published is still refused before queueing.
+    response = httpx.post(f"{stack.api_url}/v1/comparisons", json={**spec, "metrics": ["not_a_metric"]})
+    assert response.status_code == 422
 
 
 def test_a_failing_candidate_does_not_stop_the_other(client, mlflow_client, tiny_models, model_root):

@@ -72,3 +72,42 @@ def test_model_type_builtins_that_cannot_run_are_reported(run, monkeypatch):
     )
     assert "toxicity" in scored["skipped_builtins"]
     assert scored["metrics"]["output_words"] == 2.0
+
+
+def test_custom_metrics_from_a_module(run):
+    from services.worker.custom_metrics import load_custom_metrics
+    from shared.settings import Settings
+
+    custom = load_custom_metrics(Settings(custom_metric_modules=["examples.custom_metrics"]))
+    assert set(custom) == {"answer_length_ratio", "starts_with_capital"}
+    assert custom["answer_length_ratio"].info.needs_reference and custom["answer_length_ratio"].info.custom
+    client, experiment_id, run_id = run
+    rows = [{"input": "q0", "reference": "Paris"}, {"input": "q1"}]
+    scored = evaluate_outputs(
+        run_id=run_id,
+        experiment_id=experiment_id,
+        rows=rows,
+        prompts=["q0", "q1"],
+        generated=[Generated("Paris is the capital", 4, 0.1), Generated("rome", 1, 0.1)],
+        metric_names=["starts_with_capital", "answer_length_ratio"],
+        model_type=None,
+        custom=custom,
+    )
+    assert [s["starts_with_capital"] for s in scored["row_scores"]] == [1.0, 0.0]
+    assert [s["answer_length_ratio"] for s in scored["row_scores"]] == [4.0, None]  # row 1 has no reference
+    assert scored["aggregates"]["answer_length_ratio"]["n"] == 1
+    assert "starts_with_capital/mean" in client.get_run(run_id).data.metrics
+
+
+def test_custom_metric_may_not_shadow_a_builtin(tmp_path, monkeypatch):
+    from services.worker.custom_metrics import load_custom_metrics
+    from shared.settings import Settings
+
+    (tmp_path / "clashing_metrics.py").write_text(
+        "from services.worker.custom_metrics import CustomMetric\n"
+        "METRICS = [CustomMetric(name='bleu', description='x', greater_is_better=True,\n"
+        "                        fn=lambda o, r, row: 1.0)]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="clashes with a built-in"):
+        load_custom_metrics(Settings(custom_metric_modules=["clashing_metrics"]))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from services.api.deps import StoreDep
 from shared.catalog import CATALOG
-from shared.metrics import METRICS
+from shared.metrics import metric_registry
 from shared.schemas import MetricRead, ModelRead
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
@@ -26,7 +27,7 @@ def list_models() -> list[ModelRead]:
 
 
 @router.get("/metrics", response_model=list[MetricRead])
-def list_metrics() -> list[MetricRead]:
+def list_metrics(store: StoreDep) -> list[MetricRead]:
     return [
         MetricRead(
             name=info.name,
@@ -38,6 +39,7 @@ def list_metrics() -> list[MetricRead]:
             needs_option=info.needs_option,
             offline=info.offline,
             default=info.default,
+            custom=info.custom,
         )
-        for info in METRICS.values()
+        for info in metric_registry(store.r, store.prefix).values()
     ]
