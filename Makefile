@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo dev stop status test test-fast lint format up down clean
+.PHONY: install demo dev stop status test test-fast lint format bench-metrics up down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+bench-metrics: install ## cost of the default metric set next to generating 500 rows
+	$(PY) -m scripts.bench_metrics
 
 up: ## the full stack in containers (Redis, PostgreSQL, MLflow, API, workers)
 	docker compose up -d --build
