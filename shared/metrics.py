@@ -21,6 +21,8 @@ class MetricInfo:
     needs_tokenizer: bool = False
     # Request field that must be set for the metric to run (e.g. "regex").
     needs_option: str | None = None
+    # Needs the LLM judge configured by JUDGE_BASE_URL/JUDGE_MODEL or JUDGE_LOCAL_MODEL.
+    needs_judge: bool = False
     offline: bool = True
     default: bool = False
     group: str = "text"
@@ -183,6 +185,30 @@ METRICS: dict[str, MetricInfo] = {
             "'JSON' in the input); other rows are not scored.",
             greater_is_better=True,
             group="format",
+        ),
+        # --- by an LLM judge
+        MetricInfo(
+            "judge_correctness",
+            "LLM judge's 1-5 score of correctness given the reference, with a justification per row.",
+            greater_is_better=True,
+            needs_reference=True,
+            needs_judge=True,
+            group="judge",
+        ),
+        MetricInfo(
+            "judge_helpfulness",
+            "LLM judge's 1-5 score of helpfulness, with a justification per row.",
+            greater_is_better=True,
+            needs_judge=True,
+            group="judge",
+        ),
+        MetricInfo(
+            "judge_rubric",
+            "LLM judge's 1-5 score against the request's 'judge_rubric', with a justification per row.",
+            greater_is_better=True,
+            needs_judge=True,
+            needs_option="judge_rubric",
+            group="judge",
         ),
         MetricInfo(
             "regex_match",

@@ -104,6 +104,14 @@ class ComparisonCreate(BaseModel):
     regex: str | None = Field(
         None, max_length=2000, description="Pattern for the regex_match metric (Python re.search)."
     )
+    judge_rubric: str | None = Field(
+        None, min_length=10, max_length=4000, description="Rubric for the judge_rubric metric (1-5 scale)."
+    )
+    pairwise_judge: bool = Field(
+        False,
+        description="Have the judge compare every two candidates row by row (asked twice, order swapped) "
+        "and rank them with Bradley-Terry.",
+    )
     tags: dict[str, str] = Field(default_factory=dict)
 
 
@@ -153,6 +161,21 @@ class PairwiseComparison(BaseModel):
     verdict: str
 
 
+class RankedCandidate(BaseModel):
+    label: str
+    rank: int
+    strength: float = Field(description="Bradley-Terry strength; 1.0 is average")
+    wins: int
+    ties: int
+    losses: int
+
+
+class JudgeRanking(BaseModel):
+    judge: str
+    verdicts: int = Field(description="Row-level pairwise verdicts the ranking rests on")
+    ranking: list[RankedCandidate]
+
+
 class ComparisonRead(BaseModel):
     id: str
     name: str
@@ -168,6 +191,7 @@ class ComparisonRead(BaseModel):
     mlflow: MlflowLinks
     candidates: list[CandidateStatus]
     pairwise: list[PairwiseComparison] = Field(default_factory=list)
+    judge_ranking: JudgeRanking | None = None
     error: str | None = None
 
 
@@ -226,6 +250,7 @@ class MetricRead(BaseModel):
     needs_reference: bool
     needs_tokenizer: bool
     needs_option: str | None
+    needs_judge: bool
     offline: bool
     default: bool
     custom: bool

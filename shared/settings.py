@@ -27,6 +27,13 @@ class Settings(BaseSettings):
     queue_name: str = "llm-compare"
     key_prefix: str = "llmc"
 
+    # LLM-as-judge: an OpenAI-compatible chat endpoint (vLLM, Ollama, OpenAI...) or a local model.
+    # Set on the gateway too, which refuses judge metrics when no judge is configured.
+    judge_base_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key: str | None = None
+    judge_local_model: str | None = None
+
     # Limits enforced at submit time
     max_candidates: int = Field(8, ge=2)
     max_rows: int = Field(2000, ge=1)
@@ -70,6 +77,10 @@ class Settings(BaseSettings):
                 return json.loads(value)
             return [part for part in value.split(":") if part]
         return value
+
+    @property
+    def judge_configured(self) -> bool:
+        return bool((self.judge_base_url and self.judge_model) or self.judge_local_model)
 
     @property
     def visibility_timeout_s(self) -> int:

@@ -137,6 +137,7 @@ class ComparisonStore:
             raise ComparisonNotFound(comparison_id)
         data["spec"] = json.loads(data["spec"])
         data["pairwise"] = json.loads(data["pairwise"]) if data.get("pairwise") else []
+        data["judge_ranking"] = json.loads(data["judge_ranking"]) if data.get("judge_ranking") else None
         data["rows"] = int(data.get("rows", 0))
         return data
 

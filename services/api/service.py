@@ -115,6 +115,7 @@ def _to_read(record: dict[str, Any], store: ComparisonStore, settings: Settings)
         mlflow=MlflowLinks(experiment_id=experiment_id, parent_run_id=parent, url=url),
         candidates=candidates,
         pairwise=record["pairwise"],
+        judge_ranking=record["judge_ranking"],
         error=record.get("error"),
     )
 

@@ -46,7 +46,7 @@ def validate_comparison(
     problems += _check_dataset(spec, settings)
     if not problems:
         problems += _check_templates_against_rows(spec)
-        problems += _check_metrics(spec, registry)
+        problems += _check_metrics(spec, registry, judge_configured=settings.judge_configured)
     if problems:
         raise InvalidComparison(problems)
     return resolve_metrics(spec)
@@ -159,8 +159,18 @@ def _check_templates_against_rows(spec: ComparisonCreate) -> list[FieldProblem]:
     return problems
 
 
-def _check_metrics(spec: ComparisonCreate, registry: dict[str, MetricInfo]) -> list[FieldProblem]:
+def _check_metrics(
+    spec: ComparisonCreate, registry: dict[str, MetricInfo], *, judge_configured: bool
+) -> list[FieldProblem]:
     problems: list[FieldProblem] = []
+    if spec.pairwise_judge and not judge_configured:
+        problems.append(
+            FieldProblem(
+                "pairwise_judge",
+                "needs an LLM judge and none is configured; set JUDGE_BASE_URL and JUDGE_MODEL or "
+                "JUDGE_LOCAL_MODEL on the service, or set pairwise_judge to false",
+            )
+        )
     if spec.regex is not None:
         try:
             re.compile(spec.regex)
@@ -185,6 +195,15 @@ def _check_metrics(spec: ComparisonCreate, registry: dict[str, MetricInfo]) -> l
                     f"metrics[{i}]",
                     f"{name} needs a 'reference' on every row, but rows {without_reference[:5]} have "
                     "none; add references or drop the metric",
+                )
+            )
+        elif info.needs_judge and not judge_configured:
+            problems.append(
+                FieldProblem(
+                    f"metrics[{i}]",
+                    f"{name} needs an LLM judge and none is configured on this service; set "
+                    "JUDGE_BASE_URL and JUDGE_MODEL (any OpenAI-compatible endpoint) or JUDGE_LOCAL_MODEL, "
+                    "or drop the metric",
                 )
             )
         elif info.needs_option and getattr(spec, info.needs_option) is None:

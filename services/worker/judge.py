@@ -49,7 +49,8 @@ class JudgeError(RuntimeError):
 
 
 class Judge(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def complete_many(self, conversations: Sequence[Messages]) -> list[str]: ...
 
@@ -83,7 +84,9 @@ class EndpointJudge:
     def complete_many(self, conversations: Sequence[Messages]) -> list[str]:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         with (
-            httpx.Client(base_url=self.base_url.rstrip("/"), headers=headers, timeout=self.timeout_s) as client,
+            httpx.Client(
+                base_url=self.base_url.rstrip("/"), headers=headers, timeout=self.timeout_s
+            ) as client,
             ThreadPoolExecutor(max_workers=self.concurrency) as pool,
         ):
             return list(pool.map(lambda m: self._complete(client, m), conversations))
@@ -107,7 +110,9 @@ class LocalJudge:
         from shared.schemas import CandidateSpec
 
         loaded = shared_model_cache().get(self.model, revision=None, settings=self.settings)
-        spec = CandidateSpec(label="judge", model=self.model, generation={"max_new_tokens": self.max_new_tokens})
+        spec = CandidateSpec(
+            label="judge", model=self.model, generation={"max_new_tokens": self.max_new_tokens}
+        )
         prompts = [_render(loaded, messages) for messages in conversations]
         outputs = generate_outputs(
             candidate=spec, loaded=loaded, prompts=prompts, batch_size=self.settings.generation_batch_size
@@ -172,7 +177,12 @@ def parse_score(text: str) -> tuple[float | None, str]:
 
 
 def score_rows(
-    judge: Judge, *, rubric: str, questions: Sequence[str], answers: Sequence[str], references: Sequence[str | None]
+    judge: Judge,
+    *,
+    rubric: str,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    references: Sequence[str | None],
 ) -> tuple[list[float | None], list[str]]:
     replies = judge.complete_many(
         [rubric_messages(rubric, q, a, r) for q, a, r in zip(questions, answers, references, strict=True)]
@@ -191,7 +201,7 @@ def pair_messages(question: str, first: str, second: str, reference: str | None)
 
 
 def parse_winner(text: str) -> str | None:
-    """"A", "B", "tie", or None when the reply names no winner."""
+    """ "A", "B", "tie", or None when the reply names no winner."""
     data = _json_in(text)
     value = str(data.get("winner", "")) if data else ""
     if not value:
@@ -221,8 +231,14 @@ def judge_pairs(
 ) -> list[PairVerdict]:
     """Ask for every row twice, with the order swapped to cancel position bias; a row where the
     two answers disagree (or either is unparseable) counts as a tie."""
-    forward = [pair_messages(q, x, y, r) for q, x, y, r in zip(questions, outputs_a, outputs_b, references, strict=True)]
-    backward = [pair_messages(q, y, x, r) for q, x, y, r in zip(questions, outputs_a, outputs_b, references, strict=True)]
+    forward = [
+        pair_messages(q, x, y, r)
+        for q, x, y, r in zip(questions, outputs_a, outputs_b, references, strict=True)
+    ]
+    backward = [
+        pair_messages(q, y, x, r)
+        for q, x, y, r in zip(questions, outputs_a, outputs_b, references, strict=True)
+    ]
     replies = judge.complete_many(forward + backward)
     verdicts = []
     for row in range(len(questions)):
@@ -233,7 +249,9 @@ def judge_pairs(
     return verdicts
 
 
-def bradley_terry(labels: Sequence[str], verdicts: Sequence[tuple[str, str, str]], iterations: int = 200) -> dict[str, float]:
+def bradley_terry(
+    labels: Sequence[str], verdicts: Sequence[tuple[str, str, str]], iterations: int = 200
+) -> dict[str, float]:
     """Bradley-Terry strengths from (a, b, winner) verdicts, ties counting half a win each way.
 
     Fitted with the classic minorisation-maximisation updates; strengths are normalised to sum to

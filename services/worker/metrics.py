@@ -20,6 +20,7 @@ from mlflow.metrics import MetricValue, make_metric
 from mlflow.models import EvaluationMetric
 
 from services.worker import text_metrics as tm
+from services.worker.judge import RUBRICS
 from services.worker.stats import aggregate
 
 # Re-exported: the normalisation is part of what exact_match means.
@@ -137,6 +138,38 @@ def _regex(pattern: str) -> Callable[..., MetricValue]:
     return _per_row(lambda text: tm.regex_match(text, compiled))
 
 
+def _judge(
+    name: str, rubric: str | None, *, with_reference: bool, options: dict[str, Any]
+) -> EvaluationMetric:
+    from services.worker.judge import score_rows
+
+    judge = options.get("judge")
+    if judge is None:
+        raise ValueError(f"{name} needs an LLM judge and none is configured on this worker")
+    if not rubric:
+        raise ValueError(f"{name} needs a rubric")
+
+    def eval_fn(predictions: pd.Series, inputs: pd.Series, targets: pd.Series | None = None) -> MetricValue:
+        references: list[str | None] = (
+            [str(t) for t in targets] if with_reference and targets is not None else [None] * len(predictions)
+        )
+        scores, justifications = score_rows(
+            judge,
+            rubric=rubric,
+            questions=[str(i) for i in inputs],
+            answers=[str(p) for p in predictions],
+            references=references,
+        )
+        summary = aggregate(scores)
+        return MetricValue(
+            scores=scores,  # type: ignore[arg-type]
+            justifications=justifications,
+            aggregate_results={k: v for k, v in summary.items() if k != "n"},
+        )
+
+    return _make(name, eval_fn, True)
+
+
 def _ari() -> EvaluationMetric:
     from mlflow.metrics import ari_grade_level
 
@@ -177,6 +210,13 @@ METRIC_FACTORIES: dict[str, MetricFactory] = {
     "refusal": lambda o: _make("refusal", _per_row(tm.is_refusal), False),
     "json_valid": lambda o: _make("json_valid", _json_valid, True),
     "regex_match": lambda o: _make("regex_match", _regex(o["regex"]), True),
+    "judge_correctness": lambda o: _judge(
+        "judge_correctness", RUBRICS["correctness"], with_reference=True, options=o
+    ),
+    "judge_helpfulness": lambda o: _judge(
+        "judge_helpfulness", RUBRICS["helpfulness"], with_reference=False, options=o
+    ),
+    "judge_rubric": lambda o: _judge("judge_rubric", o.get("judge_rubric"), with_reference=True, options=o),
 }
 
 

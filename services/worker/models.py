@@ -12,6 +12,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,12 @@ def _load(source: ModelSource, *, revision: str | None, settings: Settings) -> L
         is_seq2seq=bool(getattr(model.config, "is_encoder_decoder", False)),
         params=params,
     )
+
+
+@lru_cache(maxsize=1)
+def shared_model_cache() -> ModelCache:
+    """The models this worker process keeps loaded, shared by candidates and local judges."""
+    return ModelCache()
 
 
 class ModelCache:

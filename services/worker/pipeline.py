@@ -27,6 +27,7 @@ from services.worker.generation import (
     render_prompt,
     wants_chat_template,
 )
+from services.worker.judge import Judge, bradley_terry, judge_from_settings, judge_pairs
 from services.worker.locks import Lease
 from services.worker.models import ModelCache, ModelLoadError
 from services.worker.stats import paired_compare
@@ -316,7 +317,11 @@ def _generate_and_evaluate(
         generated=generated,
         metric_names=spec["metrics"],
         model_type=spec.get("model_type"),
-        options={"regex": spec.get("regex")},
+        options={
+            "regex": spec.get("regex"),
+            "judge_rubric": spec.get("judge_rubric"),
+            "judge": _judge_if_needed(ctx, spec["metrics"]),
+        },
         custom=ctx.custom_metrics,
     )
     if scored["skipped_builtins"]:
@@ -327,6 +332,13 @@ def _generate_and_evaluate(
         [{"output": g.output, "scores": s} for g, s in zip(generated, scored["row_scores"], strict=True)],
     )
     return scored
+
+
+def _judge_if_needed(ctx: WorkerContext, metric_names: list[str]) -> Judge | None:
+    registry = ctx.metric_info()
+    if any(registry[name].needs_judge for name in metric_names if name in registry):
+        return judge_from_settings(ctx.settings)
+    return None
 
 
 def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
@@ -372,6 +384,10 @@ def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
     outputs = {label: store.outputs(comparison_id, label) for label in labels}
     pairwise = pairwise_statistics(spec["metrics"], candidates, outputs, ctx.metric_info())
     store.set_fields(comparison_id, pairwise=json.dumps(pairwise))
+    judge_ranking = None
+    if spec.get("pairwise_judge"):
+        judge_ranking = pairwise_judging(ctx, spec, store.rows(comparison_id), candidates, outputs)
+        store.set_fields(comparison_id, judge_ranking=json.dumps(judge_ranking))
     summary = build_summary(
         comparison_id=comparison_id,
         spec=spec,
@@ -379,6 +395,7 @@ def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
         candidates=candidates,
         outputs=outputs,
         pairwise=pairwise,
+        judge_ranking=judge_ranking,
     )
     parent_run_id = record.get("parent_run_id")
     if parent_run_id:
@@ -447,6 +464,69 @@ def pairwise_statistics(
                 if result is not None:
                     results.append(result.as_dict())
     return results
+
+
+def pairwise_judging(
+    ctx: WorkerContext,
+    spec: dict[str, Any],
+    rows: list[dict[str, Any]],
+    candidates: list[dict[str, Any]],
+    outputs: dict[str, list[dict[str, Any]] | None],
+) -> dict[str, Any] | None:
+    """The judge's row-by-row preferences between every two succeeded candidates, and a
+    Bradley-Terry ranking resting on them."""
+    judge = judge_from_settings(ctx.settings)
+    done = [
+        c["label"]
+        for c in candidates
+        if c["status"] == CandidateState.succeeded.value and outputs.get(c["label"])
+    ]
+    if judge is None or len(done) < 2:
+        return None
+    questions = [row["input"] for row in rows]
+    references = [None if row.get("reference") is None else str(row["reference"]) for row in rows]
+    verdicts: list[tuple[str, str, str]] = []
+    per_row: list[dict[str, Any]] = []
+    for i, a in enumerate(done):
+        for b in done[i + 1 :]:
+            for verdict in judge_pairs(
+                judge,
+                a=a,
+                b=b,
+                questions=questions,
+                outputs_a=[o["output"] for o in outputs[a] or []],
+                outputs_b=[o["output"] for o in outputs[b] or []],
+                references=references,
+            ):
+                verdicts.append((a, b, verdict.winner))
+                per_row.append(
+                    {
+                        "row": verdict.row,
+                        "a": a,
+                        "b": b,
+                        "winner": verdict.winner,
+                        "a_first": verdict.first_order,
+                        "b_first": verdict.swapped_order,
+                    }
+                )
+    strengths = bradley_terry(done, verdicts)
+    ordered = sorted(done, key=lambda label: -strengths[label])
+    ranking = []
+    for rank, label in enumerate(ordered, start=1):
+        involved = [v for v in verdicts if label in (v[0], v[1])]
+        wins = sum(v[2] == label for v in involved)
+        ties = sum(v[2] == "tie" for v in involved)
+        ranking.append(
+            {
+                "label": label,
+                "rank": rank,
+                "strength": strengths[label],
+                "wins": wins,
+                "ties": ties,
+                "losses": len(involved) - wins - ties,
+            }
+        )
+    return {"judge": judge.name, "verdicts": len(verdicts), "ranking": ranking, "rows": per_row}
 
 
 def fail_comparison(ctx: WorkerContext, comparison_id: str, message: str) -> None:

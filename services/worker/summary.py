@@ -17,6 +17,7 @@ def build_summary(
     candidates: list[dict[str, Any]],
     outputs: dict[str, list[dict[str, Any]] | None],
     pairwise: list[dict[str, Any]] | None = None,
+    judge_ranking: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     labels = [c["label"] for c in spec["candidates"]]
     return {
@@ -38,6 +39,7 @@ def build_summary(
             for c in candidates
         ],
         "pairwise": pairwise or [],
+        "judge_ranking": judge_ranking,
         "rows": side_by_side(rows, labels, outputs),
     }
 
@@ -100,6 +102,21 @@ def render_html(summary: dict[str, Any]) -> str:
             "</ul><p><small>Mean paired difference with a seeded paired-bootstrap 95% interval "
             "(2,000 resamples) and a two-sided sign-flip permutation p-value.</small></p>"
         )
+    ranking = summary.get("judge_ranking")
+    if ranking:
+        parts.append(
+            f"<h2>Judge ranking</h2><p>Bradley-Terry over {ranking['verdicts']} pairwise verdicts by "
+            f"{e(ranking['judge'])} (each row judged twice with the order swapped; "
+            "disagreements are ties).</p>"
+            "<table><tr><th>rank</th><th>candidate</th><th>strength</th><th>wins</th><th>ties</th>"
+            "<th>losses</th></tr>"
+        )
+        for r in ranking["ranking"]:
+            parts.append(
+                f"<tr><td>{r['rank']}</td><td>{e(r['label'])}</td><td>{r['strength']:.3g}</td>"
+                f"<td>{r['wins']}</td><td>{r['ties']}</td><td>{r['losses']}</td></tr>"
+            )
+        parts.append("</table>")
     parts.append("<h2>Outputs side by side</h2><table><tr><th>#</th><th>input</th><th>reference</th>")
     parts += [f"<th>{e(label)}</th>" for label in labels]
     parts.append("</tr>")

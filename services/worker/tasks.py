@@ -16,7 +16,7 @@ from services.worker import pipeline
 from services.worker.celery_app import app
 from services.worker.custom_metrics import load_custom_metrics
 from services.worker.errors import is_transient
-from services.worker.models import ModelCache
+from services.worker.models import shared_model_cache
 from shared.settings import get_settings
 from shared.store import ComparisonStore
 from shared.tasks import FINALIZE_COMPARISON, RUN_CANDIDATE, START_COMPARISON
@@ -38,7 +38,7 @@ def context() -> pipeline.WorkerContext:
     return pipeline.WorkerContext(
         settings=settings,
         store=store,
-        models=ModelCache(),
+        models=shared_model_cache(),
         dispatch=dispatch,
         custom_metrics=load_custom_metrics(settings),
     )

@@ -263,6 +263,18 @@ VALIDATION_CASES = [
         "metrics[3]",
         "needs the field",
     ),
+    (
+        "judge metric without a judge",
+        lambda s: s["metrics"].append("judge_correctness"),
+        "metrics[3]",
+        "JUDGE_BASE_URL",
+    ),
+    (
+        "pairwise judging without a judge",
+        lambda s: s.__setitem__("pairwise_judge", True),
+        "pairwise_judge",
+        "none is configured",
+    ),
 ]
 
 

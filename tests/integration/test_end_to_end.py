@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from scripts.stack import Stack, free_port
 from shared.client import ComparisonClient
 from tests.conftest import _cleanup_prefix
+from tests.fixtures.judge_server import JudgeServer
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +27,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def stack(redis_url, redis_client, run_id, tmp_path_factory, model_root, tiny_models) -> Iterator[Stack]:
+def judge_server() -> Iterator[JudgeServer]:
+    with JudgeServer(api_key="e2e-key") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stack(
+    redis_url, redis_client, run_id, tmp_path_factory, model_root, tiny_models, judge_server
+) -> Iterator[Stack]:
     prefix, queue = f"test-e2e-{run_id}", f"test-e2e-{run_id}"
     stack = Stack(
         run_dir=tmp_path_factory.mktemp("e2e"),
@@ -45,6 +54,10 @@ def stack(redis_url, redis_client, run_id, tmp_path_factory, model_root, tiny_mo
             "GENERATION_BATCH_SIZE": "4",
             "CANDIDATE_LEASE_S": "8",
             "CUSTOM_METRIC_MODULES": "examples.custom_metrics",
+            # Gateway and workers both see the judge: the gateway to accept judge metrics.
+            "JUDGE_BASE_URL": judge_server.base_url,
+            "JUDGE_MODEL": "rule-judge",
+            "JUDGE_API_KEY": "e2e-key",
         },
     )
     try:
@@ -288,6 +301,40 @@ def test_custom_metrics_published_by_workers_are_selectable(client, stack, tiny_
     # A name no worker published is still refused before queueing.
     response = httpx.post(f"{stack.api_url}/v1/comparisons", json={**spec, "metrics": ["not_a_metric"]})
     assert response.status_code == 422
+
+
+def test_llm_judge_scores_and_pairwise_ranking(client, mlflow_client, tiny_models, judge_server):
+    """Rubric scores and pairwise verdicts from a real (loopback) OpenAI-compatible judge."""
+    spec = tiny_spec(
+        tiny_models,
+        name="judged",
+        metrics=["judge_correctness", "judge_helpfulness", "judge_rubric"],
+        judge_rubric="Give 5 when the answer names the reference, else 1.",
+        pairwise_judge=True,
+    )
+    final = client.wait(client.submit(spec)["id"], timeout=300, poll_s=0.3)
+    assert final["status"] == "succeeded", final
+    results = client.results(final["id"])
+    for row in results["rows"]:
+        for label in ("causal", "t5"):
+            out = row["outputs"][label]
+            has_reference = row["reference"].lower() in out["output"].lower()
+            assert out["scores"]["judge_correctness"] == (5.0 if has_reference else 1.0)
+            assert out["scores"]["judge_helpfulness"] == 1 + len(out["output"].split()) % 5
+    ranking = final["judge_ranking"]
+    assert ranking["judge"].startswith("rule-judge @ ")
+    assert ranking["verdicts"] == len(ROWS)
+    assert [r["label"] for r in ranking["ranking"]] in (["causal", "t5"], ["t5", "causal"])
+    # Each candidate took part in every verdict.
+    assert all(r["wins"] + r["ties"] + r["losses"] == len(ROWS) for r in ranking["ranking"])
+    # Every verdict is backed by two judge calls, one per order.
+    pair_calls = [r for r in judge_server.requests if "pick the better one" in r["messages"][0]["content"]]
+    assert len(pair_calls) >= 2 * len(ROWS)
+    # Justifications land in the candidate's eval table.
+    run_id = final["candidates"][0]["mlflow_run_id"]
+    experiment_id = final["mlflow"]["experiment_id"]
+    table = mlflow_client.load_table(experiment_id, "eval_results_table.json", run_ids=[run_id])
+    assert table["judge_correctness/justification"].str.startswith("rule-based score").all()
 
 
 def test_a_failing_candidate_does_not_stop_the_other(client, mlflow_client, tiny_models, model_root):

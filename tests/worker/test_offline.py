@@ -73,8 +73,13 @@ def test_every_metric_runs_offline(no_network, tmp_path):
     ]
     try:
         scored = evaluate_outputs(
-            run_id=run_id, experiment_id=experiment_id, rows=rows, prompts=[r["input"] for r in rows],
-            generated=generated, metric_names=list(METRICS), model_type="question-answering",
+            run_id=run_id,
+            experiment_id=experiment_id,
+            rows=rows,
+            prompts=[r["input"] for r in rows],
+            generated=generated,
+            metric_names=list(METRICS),
+            model_type="question-answering",
             options={"regex": r"Paris"},
         )
     finally:

@@ -37,6 +37,7 @@ def list_metrics(store: StoreDep) -> list[MetricRead]:
             needs_reference=info.needs_reference,
             needs_tokenizer=info.needs_tokenizer,
             needs_option=info.needs_option,
+            needs_judge=info.needs_judge,
             offline=info.offline,
             default=info.default,
             custom=info.custom,
