@@ -7,7 +7,7 @@ checks that the two agree. ``GET /v1/metrics`` serves this registry.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
@@ -226,5 +226,12 @@ DEFAULT_METRICS: list[str] = [name for name, info in METRICS.items() if info.def
 def metric_registry(redis_client: Any, prefix: str) -> dict[str, MetricInfo]:
     """Built-in metrics plus the custom ones that workers have published to Redis."""
     published = redis_client.hgetall(f"{prefix}:metrics:custom") or {}
-    custom = {name: MetricInfo(**json.loads(raw)) for name, raw in published.items() if name not in METRICS}
+    known = {f.name for f in fields(MetricInfo)}
+    custom = {}
+    for name, raw in published.items():
+        if name in METRICS:
+            continue
+        # Keep only the fields this version knows: a newer worker may publish more.
+        data = {k: v for k, v in json.loads(raw).items() if k in known}
+        custom[name] = MetricInfo(**data)
     return {**METRICS, **custom}

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from scripts.stack import Stack, free_port
 from shared.client import ComparisonClient
+from shared.metrics import METRICS
 from tests.conftest import _cleanup_prefix
 from tests.fixtures.judge_server import JudgeServer
 
@@ -425,10 +426,15 @@ def test_a_worker_killed_mid_task_does_not_lose_the_candidate(client, tiny_model
 
 @pytest.mark.slow
 def test_real_smollm2_comparison(client, mlflow_client):
-    """The bundled demo's two SmolLM2-135M-Instruct configurations on four of its prompts."""
+    """The bundled demo's two SmolLM2-135M-Instruct configurations on four of its prompts, with
+    every metric in the registry, the judge included, and pairwise judging."""
     spec = json.loads((ROOT / "demo" / "comparison.json").read_text())
     spec["dataset"]["rows"] = spec["dataset"]["rows"][:4]
     spec["experiment"] = "e2e-smollm2"
+    spec["metrics"] = list(METRICS)
+    spec["regex"] = r"\b[A-Z][a-z]+"
+    spec["judge_rubric"] = "Give 5 when the answer names the reference answer, else 1."
+    spec["pairwise_judge"] = True
     created = client.submit(spec)
     final = client.wait(created["id"], timeout=900, poll_s=1.0)
     assert final["status"] == "succeeded", final
@@ -438,15 +444,28 @@ def test_real_smollm2_comparison(client, mlflow_client):
     assert "paris" in greedy[0].lower()  # "What is the capital of France?"
     by_label = {c["label"]: c for c in final["candidates"]}
     assert by_label["greedy"]["metrics"]["contains_reference"] >= 0.5
-    # The default metric set, reference metrics included, on the real model.
-    for name in ("token_f1", "rougeL", "semantic_similarity", "repetition", "refusal", "tokens_per_second"):
-        assert name in by_label["greedy"]["metrics"], name
+    for candidate in final["candidates"]:
+        # Every metric that had rows to score, with its interval (json_valid: no row asks for JSON).
+        assert set(candidate["metrics"]) == set(METRICS) - {"json_valid"}, candidate["metrics"]
+        for name, agg in candidate["aggregates"].items():
+            if agg["n"] > 1:
+                assert agg["ci_low"] <= agg["mean"] <= agg["ci_high"], (name, agg)
     assert by_label["greedy"]["metrics"]["semantic_similarity"] > 0.3
-    verdicts = {(p["metric"], p["a"], p["b"]) for p in final["pairwise"]}
-    assert ("semantic_similarity", "greedy", "sampled-t0.7") in verdicts
+    assert by_label["greedy"]["metrics"]["judge_correctness"] >= 3  # says Paris, Tokyo, Rome...
+    pairs = {p["metric"]: p for p in final["pairwise"]}
+    assert set(pairs) == set(METRICS) - {"json_valid"}
+    assert all(p["verdict"] for p in pairs.values())
+    assert final["judge_ranking"]["verdicts"] == 4
     run = mlflow_client.get_run(by_label["greedy"]["mlflow_run_id"])
     assert run.data.params["model_resolved"].startswith("SmolLM2-135M-Instruct.Q4_1.gguf sha256:")
     assert run.data.params["chat_template_applied"] == "True"
     assert run.data.params["generation.do_sample"] == "False"
+    for name in (
+        "semantic_similarity/mean",
+        "semantic_similarity/ci_low",
+        "bleu/stderr",
+        "judge_correctness/mean",
+    ):
+        assert name in run.data.metrics, name
     sampled = mlflow_client.get_run(by_label["sampled-t0.7"]["mlflow_run_id"])
     assert sampled.data.params["generation.temperature"] == "0.7"
