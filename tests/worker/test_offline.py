@@ -16,7 +16,6 @@ from services.worker.evaluation import evaluate_outputs
 from services.worker.generation import Generated
 from shared.metrics import METRICS
 
-
 # A judge is a model or an endpoint of the operator's choosing; every other metric must be offline.
 NON_JUDGE = [name for name, info in METRICS.items() if not info.needs_judge]
 
