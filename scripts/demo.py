@@ -70,18 +70,20 @@ def print_metrics(state: dict[str, Any]) -> None:
     """One line per metric, a column per candidate: mean [95% interval]."""
     labels = [c["label"] for c in state["candidates"]]
     names = list(dict.fromkeys(m for c in state["candidates"] for m in c["metrics"]))
-    width = 26
-    print(f"{'metric':<22}" + "".join(f"{label[:width]:>{width}}" for label in labels))
+    width = 30
+    print(f"{'metric':<22}" + "".join(f" {label[:width]:>{width}}" for label in labels))
     for name in names:
         cells = []
         for c in state["candidates"]:
             agg = c.get("aggregates", {}).get(name, {})
             if name not in c["metrics"]:
-                cells.append(f"{'—':>{width}}")
+                cells.append(f" {'—':>{width}}")
             elif agg.get("n", 0) > 1:
-                cells.append(f"{agg['mean']:.3g} [{agg['ci_low']:.3g}, {agg['ci_high']:.3g}]".rjust(width))
+                cells.append(
+                    " " + f"{agg['mean']:.3g} [{agg['ci_low']:.3g}, {agg['ci_high']:.3g}]".rjust(width)
+                )
             else:
-                cells.append(f"{c['metrics'][name]:.3g}".rjust(width))
+                cells.append(" " + f"{c['metrics'][name]:.3g}".rjust(width))
         print(f"{name:<22}" + "".join(cells))
     for c in state["candidates"]:
         if c.get("error"):
