@@ -107,6 +107,9 @@ class ComparisonCreate(BaseModel):
     judge_rubric: str | None = Field(
         None, min_length=10, max_length=4000, description="Rubric for the judge_rubric metric (1-5 scale)."
     )
+    cache: bool = Field(
+        True, description="Reuse outputs already generated for the same model, settings and prompt."
+    )
     pairwise_judge: bool = Field(
         False,
         description="Have the judge compare every two candidates row by row (asked twice, order swapped) "
@@ -118,6 +121,9 @@ class ComparisonCreate(BaseModel):
 class Progress(BaseModel):
     done: int = 0
     total: int = 0
+    tokens_per_second: float | None = Field(None, description="Generation speed so far, updated per batch")
+    eta_s: float | None = Field(None, description="Seconds of generation left, estimated per batch")
+    cache_hits: int = Field(0, description="Rows answered from the response cache instead of generated")
 
 
 class CandidateStatus(BaseModel):

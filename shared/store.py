@@ -240,8 +240,22 @@ class ComparisonStore:
             mapping={k: _encode(v) for k, v in fields.items() if v is not None},
         )
 
-    def set_progress(self, comparison_id: str, label: str, *, done: int, total: int) -> None:
-        self.r.hset(self._key(comparison_id, "cand", label), mapping={"done": done, "total": total})
+    def set_progress(
+        self,
+        comparison_id: str,
+        label: str,
+        *,
+        done: int,
+        total: int,
+        tokens_per_second: float | None = None,
+        eta_s: float | None = None,
+    ) -> None:
+        mapping: dict[str, Any] = {"done": done, "total": total}
+        if tokens_per_second is not None:
+            mapping["tokens_per_second"] = round(tokens_per_second, 2)
+        if eta_s is not None:
+            mapping["eta_s"] = round(eta_s, 1)
+        self.r.hset(self._key(comparison_id, "cand", label), mapping=mapping)
 
     def save_outputs(self, comparison_id: str, label: str, outputs: list[dict[str, Any]]) -> None:
         self.r.set(self._key(comparison_id, "out", label), json.dumps(outputs), ex=self.ttl_s)
@@ -271,6 +285,9 @@ def _decode_candidate(data: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = dict(data)
     out["done"] = int(data.get("done", 0))
     out["total"] = int(data.get("total", 0))
+    out["tokens_per_second"] = float(data["tokens_per_second"]) if data.get("tokens_per_second") else None
+    out["eta_s"] = float(data["eta_s"]) if data.get("eta_s") else None
+    out["cache_hits"] = int(data.get("cache_hits", 0))
     out["metrics"] = json.loads(data["metrics"]) if data.get("metrics") else {}
     out["aggregates"] = json.loads(data["aggregates"]) if data.get("aggregates") else {}
     return out

@@ -83,11 +83,12 @@ def generate_outputs(
     loaded: LoadedModel,
     prompts: list[str],
     batch_size: int,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[Generated]:
     """Generate one output per prompt, in batches of similar length, keeping the input order.
 
-    ``on_batch(done)`` is called after each batch; it may raise GenerationCancelled to stop.
+    ``on_batch(rows_done, tokens_done)`` is called after each batch; it may raise
+    GenerationCancelled to stop.
     """
     import torch
 
@@ -99,6 +100,7 @@ def generate_outputs(
     torch.manual_seed(candidate.generation.seed)
     eos_ids = _eos_ids(loaded)
     done = 0
+    tokens_done = 0
     start = 0
     size = batch_size
     while start < len(order):
@@ -118,10 +120,11 @@ def generate_outputs(
             ids = _strip_after_eos(token_ids, eos_ids, tokenizer.pad_token_id)
             text = tokenizer.decode(ids, skip_special_tokens=True).strip()
             results[index] = Generated(output=text, output_tokens=len(ids), latency_s=per_row)
+            tokens_done += len(ids)
         start += len(batch)
         done += len(batch)
         if on_batch is not None:
-            on_batch(done)
+            on_batch(done, tokens_done)
     return [r for r in results if r is not None]
 
 

@@ -22,6 +22,7 @@ from services.worker import tracking
 from services.worker.custom_metrics import CustomMetric
 from services.worker.errors import is_transient
 from services.worker.generation import (
+    Generated,
     GenerationCancelled,
     generate_outputs,
     render_prompt,
@@ -30,6 +31,7 @@ from services.worker.generation import (
 from services.worker.judge import Judge, bradley_terry, judge_from_settings, judge_pairs
 from services.worker.locks import Lease
 from services.worker.models import ModelCache, ModelLoadError
+from services.worker.response_cache import ResponseCache, cache_keys
 from services.worker.stats import paired_compare
 from services.worker.summary import build_summary, render_html
 from shared.metrics import METRICS, MetricInfo
@@ -257,23 +259,43 @@ def _generate_and_evaluate(
     load_seconds = time.perf_counter() - started
     chat = wants_chat_template(candidate, loaded)
     prompts = [render_prompt(candidate, loaded, row, chat=chat) for row in rows]
-    store.set_progress(comparison_id, label, done=0, total=len(rows))
 
-    def on_batch(done: int) -> None:
+    cache = ResponseCache(store.r, prefix=store.prefix, ttl_s=ctx.settings.result_ttl_s)
+    keys = cache_keys(candidate=candidate, loaded=loaded, prompts=prompts, chat=chat)
+    use_cache = spec.get("cache", True)
+    cached = cache.get_many(keys) if use_cache else [None] * len(prompts)
+    missing = [i for i, hit in enumerate(cached) if hit is None]
+    hits = len(prompts) - len(missing)
+    store.set_progress(comparison_id, label, done=hits, total=len(rows))
+    started = time.perf_counter()
+
+    def on_batch(done: int, tokens: int) -> None:
         lease.renew()
-        store.set_progress(comparison_id, label, done=done, total=len(rows))
+        elapsed = time.perf_counter() - started
+        store.set_progress(
+            comparison_id,
+            label,
+            done=hits + done,
+            total=len(rows),
+            tokens_per_second=tokens / elapsed if elapsed > 0 else None,
+            eta_s=elapsed / done * (len(missing) - done) if done else None,
+        )
         if store.status(comparison_id) is ComparisonStatus.cancelled:
             raise GenerationCancelled()
 
-    started = time.perf_counter()
-    generated = generate_outputs(
+    fresh = generate_outputs(
         candidate=candidate,
         loaded=loaded,
-        prompts=prompts,
+        prompts=[prompts[i] for i in missing],
         batch_size=ctx.settings.generation_batch_size,
         on_batch=on_batch,
     )
     generation_seconds = time.perf_counter() - started
+    cache.put_many({keys[i]: g for i, g in zip(missing, fresh, strict=True)})
+    generated: list[Generated] = [hit for hit in cached]  # type: ignore[misc]
+    for i, g in zip(missing, fresh, strict=True):
+        generated[i] = g
+    store.set_candidate_fields(comparison_id, label, cache_hits=hits)
     lease.renew()
     # Outputs are kept even if scoring fails below, so /results can still show them.
     store.save_outputs(comparison_id, label, [{"output": g.output, "scores": {}} for g in generated])
@@ -293,13 +315,16 @@ def _generate_and_evaluate(
         "use_chat_template": candidate.use_chat_template,
         "chat_template_applied": chat,
         "batch_size": ctx.settings.generation_batch_size,
+        "response_cache": "on" if use_cache else "off",
         "model_type": spec.get("model_type"),
         **{f"generation.{k}": v for k, v in candidate.generation.model_dump().items()},
         **loaded.params,
     }
     client = tracking.client(ctx.settings.mlflow_tracking_uri)
     _log_params(client, run_id, params)
-    total_tokens = sum(g.output_tokens for g in generated)
+    total_tokens = sum(g.output_tokens for g in fresh)
+    client.log_metric(run_id, "cache_hits", hits)
+    client.log_metric(run_id, "cache_misses", len(missing))
     client.log_metric(run_id, "load_seconds", load_seconds)
     client.log_metric(run_id, "generation_seconds", generation_seconds)
     client.log_metric(

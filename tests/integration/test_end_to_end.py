@@ -140,7 +140,9 @@ class TestTwoCandidates:
         assert final["finished_at"] >= final["started_at"] >= final["created_at"]
         for candidate in final["candidates"]:
             assert candidate["status"] == "succeeded"
-            assert candidate["progress"] == {"done": 5, "total": 5}
+            progress = candidate["progress"]
+            assert (progress["done"], progress["total"], progress["eta_s"]) == (5, 5, 0)
+            assert progress["tokens_per_second"] > 0
             assert candidate["error"] is None
             assert set(candidate["metrics"]) == {
                 "exact_match",
@@ -338,6 +340,30 @@ def test_llm_judge_scores_and_pairwise_ranking(client, mlflow_client, tiny_model
     assert table["judge_correctness/justification"].str.startswith("rule-based score").all()
 
 
+def test_response_cache_reuses_outputs_unless_told_not_to(client, mlflow_client, tiny_models):
+    spec = tiny_spec(tiny_models, name="cached", metrics=["output_words"])
+    first = client.wait(client.submit(spec)["id"], timeout=300, poll_s=0.3)
+    again = client.wait(client.submit(spec)["id"], timeout=300, poll_s=0.3)
+    fresh = client.wait(client.submit({**spec, "cache": False})["id"], timeout=300, poll_s=0.3)
+    assert [c["progress"]["cache_hits"] for c in again["candidates"]] == [len(ROWS), len(ROWS)]
+    assert [c["progress"]["cache_hits"] for c in fresh["candidates"]] == [0, 0]
+    # Generating again (greedy) gives the same outputs the cache served.
+    outputs = [
+        [r["outputs"][label]["output"] for r in client.results(run["id"])["rows"]]
+        for run in (first, again, fresh)
+        for label in ("causal", "t5")
+    ]
+    assert outputs[0:2] == outputs[2:4] == outputs[4:6]
+    # Speed and ETA are reported while generating; the hit counts are logged on the runs.
+    assert all(c["progress"]["tokens_per_second"] > 0 for c in fresh["candidates"])
+    assert all(c["progress"]["eta_s"] == 0 for c in fresh["candidates"])
+    run = mlflow_client.get_run(again["candidates"][0]["mlflow_run_id"])
+    assert (run.data.metrics["cache_hits"], run.data.metrics["cache_misses"]) == (len(ROWS), 0)
+    assert (
+        mlflow_client.get_run(fresh["candidates"][0]["mlflow_run_id"]).data.params["response_cache"] == "off"
+    )
+
+
 def test_a_failing_candidate_does_not_stop_the_other(client, mlflow_client, tiny_models, model_root):
     spec = tiny_spec(tiny_models, name="one-missing")
     spec["candidates"][1]["model"] = str(model_root / "not-there")
@@ -416,7 +442,7 @@ def test_a_worker_killed_mid_task_does_not_lose_the_candidate(client, tiny_model
     final = client.wait(created["id"], timeout=300, poll_s=0.5)
     assert final["status"] == "succeeded", final
     causal = final["candidates"][0]
-    assert causal["progress"] == {"done": len(rows), "total": len(rows)}
+    assert (causal["progress"]["done"], causal["progress"]["total"]) == (len(rows), len(rows))
     assert causal["worker"] != f"{causal['worker'].rsplit(':', 1)[0]}:{victim}"
     results = client.results(created["id"])
     assert all(isinstance(r["outputs"]["causal"]["output"], str) for r in results["rows"])

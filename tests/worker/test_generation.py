@@ -65,7 +65,11 @@ def test_greedy_batch_equals_one_at_a_time(kind, causal, seq2seq):
     prompts = [render_prompt(candidate, loaded, {"input": p}, chat=chat) for p in PROMPTS]
     progress: list[int] = []
     batched = generate_outputs(
-        candidate=candidate, loaded=loaded, prompts=prompts, batch_size=3, on_batch=progress.append
+        candidate=candidate,
+        loaded=loaded,
+        prompts=prompts,
+        batch_size=3,
+        on_batch=lambda done, tokens: progress.append((done, tokens)),
     )
     single = [
         generate_outputs(candidate=candidate, loaded=loaded, prompts=[p], batch_size=1)[0] for p in prompts
@@ -73,7 +77,10 @@ def test_greedy_batch_equals_one_at_a_time(kind, causal, seq2seq):
     assert [g.output for g in batched] == [g.output for g in single]
     assert [g.output_tokens for g in batched] == [g.output_tokens for g in single]
     assert all(0 < g.output_tokens <= 8 for g in batched)
-    assert progress == [3, 4]
+    tokens = [g.output_tokens for g in batched]
+    # Rows are batched shortest prompt first; progress reports rows and tokens after each batch.
+    assert [done for done, _ in progress] == [3, 4]
+    assert progress[-1][1] == sum(tokens)
 
 
 def test_sampling_is_reproducible_with_a_seed(causal):
@@ -85,3 +92,22 @@ def test_sampling_is_reproducible_with_a_seed(causal):
     first = generate_outputs(candidate=candidate, loaded=causal, prompts=PROMPTS, batch_size=4)
     second = generate_outputs(candidate=candidate, loaded=causal, prompts=PROMPTS, batch_size=4)
     assert [g.output for g in first] == [g.output for g in second]
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_batch_equals_one_at_a_time():
+    loaded = load_model("smollm2-135m-instruct", revision=None, settings=Settings())
+    candidate = CandidateSpec(label="g", model="smollm2-135m-instruct", generation={"max_new_tokens": 12})
+    questions = [
+        "What is the capital of France?",
+        "Name a primary colour.",
+        "How many legs does a spider have? Answer with a number only, please.",
+        "Hi",
+    ]
+    prompts = [render_prompt(candidate, loaded, {"input": q}, chat=True) for q in questions]
+    batched = generate_outputs(candidate=candidate, loaded=loaded, prompts=prompts, batch_size=4)
+    single = [
+        generate_outputs(candidate=candidate, loaded=loaded, prompts=[p], batch_size=1)[0] for p in prompts
+    ]
+    assert [g.output for g in batched] == [g.output for g in single]
+    assert "Paris" in batched[0].output
