@@ -229,8 +229,11 @@ class Stack:
             log=self.log_path("mlflow"),
         )
 
-    def start_api(self) -> None:
-        proc = self._spawn("api", self.api_command("127.0.0.1", self.api_port))
+    def start_api(self, workers: int = 1) -> None:
+        command = self.api_command("127.0.0.1", self.api_port)
+        if workers > 1:
+            command += ["--workers", str(workers)]
+        proc = self._spawn("api", command)
         wait_until(
             lambda: http_ok(f"{self.api_url}/healthz"),
             timeout=30,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -59,6 +59,11 @@ class GenerationConfig(BaseModel):
     top_k: int = Field(50, ge=0)
     repetition_penalty: float = Field(1.0, gt=0)
     seed: int = Field(0, ge=0)
+    stop: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Strings that end a row's output; the output is cut before the first one.",
+    )
 
 
 class CandidateSpec(BaseModel):

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     # De-quantised copies of GGUF files, so each file is converted once per host.
     model_cache_dir: Path = Path.home() / ".cache" / "llm-compare" / "models"
     generation_batch_size: int = Field(8, ge=1)
+    # Weights a worker process keeps loaded across tasks; least recently used models go first.
+    model_cache_max_gb: float = Field(4.0, gt=0)
     torch_threads: int | None = None
     # Longest a single candidate task may run; the broker's visibility timeout sits above it
     # so that a task is only redelivered when its worker really died.
@@ -77,6 +79,10 @@ class Settings(BaseSettings):
                 return json.loads(value)
             return [part for part in value.split(":") if part]
         return value
+
+    @property
+    def model_cache_max_bytes(self) -> int:
+        return int(self.model_cache_max_gb * 1024**3)
 
     @property
     def judge_configured(self) -> bool:

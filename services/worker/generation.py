@@ -68,6 +68,9 @@ def generation_kwargs(candidate: CandidateSpec, loaded: LoadedModel) -> dict[str
         "repetition_penalty": gen.repetition_penalty,
         "pad_token_id": loaded.tokenizer.pad_token_id,
     }
+    if gen.stop:
+        # Each row stops on its own once it produces a stop string; the text is cut below.
+        kwargs.update(stop_strings=list(gen.stop), tokenizer=loaded.tokenizer)
     if gen.do_sample:
         kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
     else:
@@ -118,7 +121,9 @@ def generate_outputs(
         per_row = seconds / len(batch)
         for index, token_ids in zip(batch, outputs, strict=True):
             ids = _strip_after_eos(token_ids, eos_ids, tokenizer.pad_token_id)
-            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            text = _cut_at_stop(
+                tokenizer.decode(ids, skip_special_tokens=True), candidate.generation.stop
+            ).strip()
             results[index] = Generated(output=text, output_tokens=len(ids), latency_s=per_row)
             tokens_done += len(ids)
         start += len(batch)
@@ -126,6 +131,11 @@ def generate_outputs(
         if on_batch is not None:
             on_batch(done, tokens_done)
     return [r for r in results if r is not None]
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:

@@ -237,12 +237,23 @@ def shared_model_cache() -> ModelCache:
     return ModelCache()
 
 
-class ModelCache:
-    """Models kept loaded in this worker process, least recently used evicted first."""
+def model_bytes(loaded: LoadedModel) -> int:
+    """Memory held by a model's weights and buffers."""
+    model = loaded.model
+    if model is None:
+        return 0
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
-    def __init__(self, max_models: int = 2):
-        self.max_models = max_models
+
+class ModelCache:
+    """Models kept loaded in this worker process within a memory budget, least recently used
+    evicted first. The model just loaded always stays, even alone over the budget."""
+
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = max_bytes
         self._models: OrderedDict[tuple[str, str | None], LoadedModel] = OrderedDict()
+        self._sizes: dict[tuple[str, str | None], int] = {}
         self._lock = threading.Lock()
 
     def get(self, model: str, *, revision: str | None, settings: Settings) -> LoadedModel:
@@ -253,16 +264,23 @@ class ModelCache:
                 return self._models[key]
             loaded = load_model(model, revision=revision, settings=settings)
             self._models[key] = loaded
-            while len(self._models) > self.max_models:
+            self._sizes[key] = model_bytes(loaded)
+            budget = self.max_bytes if self.max_bytes is not None else settings.model_cache_max_bytes
+            while len(self._models) > 1 and sum(self._sizes.values()) > budget:
                 evicted_key, evicted = self._models.popitem(last=False)
-                log.info("model.evicted", model=evicted_key[0])
+                log.info("model.evicted", model=evicted_key[0], freed_bytes=self._sizes.pop(evicted_key))
                 _release(evicted)
             return loaded
+
+    @property
+    def loaded_keys(self) -> list[tuple[str, str | None]]:
+        return list(self._models)
 
     def clear(self) -> None:
         with self._lock:
             while self._models:
                 _release(self._models.popitem()[1])
+            self._sizes.clear()
 
 
 def _release(loaded: LoadedModel) -> None:

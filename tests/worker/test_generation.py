@@ -111,3 +111,18 @@ def test_smollm2_greedy_batch_equals_one_at_a_time():
     ]
     assert [g.output for g in batched] == [g.output for g in single]
     assert "Paris" in batched[0].output
+
+
+def test_stop_strings_end_each_row_on_its_own(causal):
+    plain = CandidateSpec(label="a", model="m", generation={"max_new_tokens": 10})
+    prompts = [render_prompt(plain, causal, {"input": p}, chat=True) for p in PROMPTS]
+    free = generate_outputs(candidate=plain, loaded=causal, prompts=prompts, batch_size=4)
+    # Stop each row at a word the model is known to write there (its own greedy output).
+    words = {w for g in free for w in g.output.split()[1:2]}
+    stopped_spec = CandidateSpec(label="s", model="m", generation={"max_new_tokens": 10, "stop": sorted(words)})
+    stopped = generate_outputs(candidate=stopped_spec, loaded=causal, prompts=prompts, batch_size=4)
+    for before, after in zip(free, stopped, strict=True):
+        cut = min((i for i in (before.output.find(w) for w in words) if i >= 0), default=len(before.output))
+        assert after.output == before.output[:cut].strip()
+        assert after.output_tokens <= before.output_tokens
+    assert any(a.output_tokens < b.output_tokens for a, b in zip(stopped, free, strict=True))

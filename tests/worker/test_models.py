@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from services.worker.models import ModelCache, ModelLoadError, load_model
+from services.worker.models import ModelCache, ModelLoadError, load_model, model_bytes
 from shared.settings import Settings
 
 
@@ -83,10 +83,23 @@ def test_mlflow_runs_uri(tiny_models, settings, tmp_path, monkeypatch):
 
 
 def test_cache_keeps_models_and_evicts_least_recently_used(tiny_models, settings):
-    cache = ModelCache(max_models=1)
+    causal_bytes = model_bytes(load_model(str(tiny_models["causal"]), revision=None, settings=settings))
+    # 32-wide, 2-layer Llama over a 400-token vocabulary, fp32: embeddings and head dominate.
+    assert 60_000 < causal_bytes < 400_000
+    cache = ModelCache(max_bytes=causal_bytes + 1)  # room for one tiny model, not two
     first = cache.get(str(tiny_models["causal"]), revision=None, settings=settings)
     assert cache.get(str(tiny_models["causal"]), revision=None, settings=settings) is first
     cache.get(str(tiny_models["seq2seq"]), revision=None, settings=settings)
     assert first.model is None  # released
     again = cache.get(str(tiny_models["causal"]), revision=None, settings=settings)
     assert again is not first and again.model is not None
+
+
+def test_cache_keeps_several_models_within_the_budget(tiny_models, settings):
+    cache = ModelCache(max_bytes=10 * 1024**2)
+    cache.get(str(tiny_models["causal"]), revision=None, settings=settings)
+    cache.get(str(tiny_models["seq2seq"]), revision=None, settings=settings)
+    assert [key[0] for key in cache.loaded_keys] == [str(tiny_models["causal"]), str(tiny_models["seq2seq"])]
+    # Using the first again makes the second the least recently used.
+    cache.get(str(tiny_models["causal"]), revision=None, settings=settings)
+    assert cache.loaded_keys[0][0] == str(tiny_models["seq2seq"])

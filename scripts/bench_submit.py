@@ -1,0 +1,127 @@
+"""How cheap a submission is: a bounded load on the gateway alone (no worker consumes the queue).
+
+Starts the API on a free loopback port with its own Redis key prefix and queue, sends a fixed
+number of valid submissions from a fixed number of concurrent clients, then stops and cleans up.
+Prints throughput and latency percentiles; writes JSON.
+
+    python -m scripts.bench_submit [--requests 2000] [--clients 50] [--workers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import redis
+
+from scripts.stack import ROOT, Stack, free_port
+
+SPEC = {
+    "name": "load",
+    "candidates": [
+        {"label": "a", "model": "smollm2-135m-instruct"},
+        {
+            "label": "b",
+            "model": "smollm2-135m-instruct",
+            "generation": {"do_sample": True, "temperature": 0.7},
+        },
+    ],
+    "dataset": {"rows": [{"input": f"Question {i}?", "reference": f"Answer {i}"} for i in range(16)]},
+}
+
+
+async def run_load(url: str, requests: int, clients: int) -> tuple[list[float], list[int], float]:
+    latencies: list[float] = []
+    statuses: list[int] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+
+        async def worker() -> None:
+            while True:
+                try:
+                    queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                started = time.perf_counter()
+                try:
+                    response = await client.post("/v1/comparisons", json=SPEC)
+                    statuses.append(response.status_code)
+                except httpx.HTTPError:
+                    statuses.append(0)
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - started
+    return latencies, statuses, wall
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-submit.json")
+    args = parser.parse_args()
+
+    tag = f"bench-submit-{uuid.uuid4().hex[:8]}"
+    stack = Stack(
+        run_dir=Path(tempfile.mkdtemp(prefix="bench-submit-")),
+        api_port=free_port(),
+        mlflow_port=free_port(),
+        queue_name=tag,
+        key_prefix=tag,
+    )
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    try:
+        stack.start_api(workers=args.workers)
+        # One request first so that lazy set-up is not counted.
+        httpx.post(f"{stack.api_url}/v1/comparisons", json=SPEC, timeout=30).raise_for_status()
+        latencies, statuses, wall = asyncio.run(run_load(stack.api_url, args.requests, args.clients))
+        queued = client.llen(tag)
+    finally:
+        stack.stop()
+        keys = list(client.scan_iter(f"{tag}:*"))
+        if keys:
+            client.delete(*keys)
+        client.delete(tag)
+    errors = sum(1 for s in statuses if s != 202)
+    result = {
+        "requests": args.requests,
+        "clients": args.clients,
+        "api_workers": args.workers,
+        "wall_seconds": round(wall, 2),
+        "submissions_per_second": round(args.requests / wall, 1),
+        "p50_ms": round(1000 * statistics.median(latencies), 1),
+        "p99_ms": round(1000 * percentile(latencies, 0.99), 1),
+        "errors": errors,
+        "queued_start_tasks": queued,
+        "target": ">= 300 submissions/s, p99 < 200 ms, no errors",
+    }
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"{args.requests} submissions from {args.clients} clients, {args.workers} API process(es)")
+    print(f"throughput   {result['submissions_per_second']:8.1f} /s   (wall {wall:.2f} s)")
+    print(f"latency      p50 {result['p50_ms']} ms   p99 {result['p99_ms']} ms")
+    print(f"errors       {errors}   start tasks on the queue: {queued} (expected {args.requests + 1})")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
