@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo dev stop status test test-fast lint format bench-metrics up down clean
+.PHONY: install demo dev stop status test test-fast lint format bench-metrics bench-submit up down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ format: install
 
 bench-metrics: install ## cost of the default metric set next to generating 500 rows
 	$(PY) -m scripts.bench_metrics
+
+bench-submit: install ## 2,000 submissions from 50 clients against the gateway alone
+	$(PY) -m scripts.bench_submit
 
 up: ## the full stack in containers (Redis, PostgreSQL, MLflow, API, workers)
 	docker compose up -d --build

@@ -65,8 +65,11 @@ class TestSubmit:
         assert body["experiment"] == "http-tests"
         assert body["metrics"] == ["exact_match", "output_tokens", "latency"]
         assert [c["label"] for c in body["candidates"]] == ["a", "b"]
+        assert all(c["status"] == "queued" for c in body["candidates"])
         assert all(
-            c["status"] == "queued" and c["progress"] == {"done": 0, "total": 2} for c in body["candidates"]
+            c["progress"]
+            == {"done": 0, "total": 2, "tokens_per_second": None, "eta_s": None, "cache_hits": 0}
+            for c in body["candidates"]
         )
         # The start task is on the broker queue, carrying only the id.
         messages = redis_client.lrange(api_only.queue_name, 0, -1)

@@ -119,7 +119,9 @@ def test_stop_strings_end_each_row_on_its_own(causal):
     free = generate_outputs(candidate=plain, loaded=causal, prompts=prompts, batch_size=4)
     # Stop each row at a word the model is known to write there (its own greedy output).
     words = {w for g in free for w in g.output.split()[1:2]}
-    stopped_spec = CandidateSpec(label="s", model="m", generation={"max_new_tokens": 10, "stop": sorted(words)})
+    stopped_spec = CandidateSpec(
+        label="s", model="m", generation={"max_new_tokens": 10, "stop": sorted(words)}
+    )
     stopped = generate_outputs(candidate=stopped_spec, loaded=causal, prompts=prompts, batch_size=4)
     for before, after in zip(free, stopped, strict=True):
         cut = min((i for i in (before.output.find(w) for w in words) if i >= 0), default=len(before.output))
