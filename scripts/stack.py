@@ -229,8 +229,8 @@ class Stack:
             log=self.log_path("mlflow"),
         )
 
-    def start_api(self, workers: int = 1) -> None:
-        command = self.api_command("127.0.0.1", self.api_port)
+    def start_api(self, workers: int = 1, extra_args: list[str] | None = None) -> None:
+        command = self.api_command("127.0.0.1", self.api_port) + (extra_args or [])
         if workers > 1:
             command += ["--workers", str(workers)]
         proc = self._spawn("api", command)

@@ -29,6 +29,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_expires": settings.result_ttl_s,
         "broker_connection_retry_on_startup": True,
         "task_track_started": True,
+        # Workers emit task events for monitors (Flower); a "task-sent" event per publish would
+        # double the gateway's broker writes per submission, so it stays off.
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
     }

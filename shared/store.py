@@ -78,54 +78,46 @@ class ComparisonStore:
     # ---- creation
     def create(
         self, *, comparison_id: str, spec: ComparisonCreate, experiment: str, metrics: list[str]
-    ) -> None:
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Store a new comparison in one round trip; return it as get() and candidates() would."""
         now = utcnow()
         stored_spec = spec.model_dump(mode="json", exclude={"dataset"})
         stored_spec["experiment"] = experiment
         stored_spec["metrics"] = metrics
         rows = spec.dataset.rows
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(
-            self._key(comparison_id),
-            mapping={
-                "id": comparison_id,
-                "spec": json.dumps(stored_spec),
-                "status": ComparisonStatus.queued.value,
-                "created_at": now,
-                "rows": len(rows),
-            },
-        )
-        pipe.set(self._key(comparison_id, "rows"), json.dumps(rows))
-        for candidate in spec.candidates:
-            pipe.hset(
-                self._key(comparison_id, "cand", candidate.label),
-                mapping={
-                    "label": candidate.label,
-                    "model": candidate.model,
-                    "status": CandidateState.queued.value,
-                    "done": 0,
-                    "total": len(rows),
-                },
-            )
-        pipe.zadd(self._index, {comparison_id: datetime.now(UTC).timestamp()})
-        pipe.execute()
-        if self.ttl_s:
-            self._expire(comparison_id, [c.label for c in spec.candidates])
-
-    def _expire(self, comparison_id: str, labels: Iterable[str]) -> None:
-        assert self.ttl_s
-        keys = [
-            self._key(comparison_id),
-            self._key(comparison_id, "rows"),
-            self._key(comparison_id, "ended"),
-            self._key(comparison_id, "tasks"),
+        record = {
+            "id": comparison_id,
+            "spec": json.dumps(stored_spec),
+            "status": ComparisonStatus.queued.value,
+            "created_at": now,
+            "rows": len(rows),
+        }
+        candidates = [
+            {
+                "label": candidate.label,
+                "model": candidate.model,
+                "status": CandidateState.queued.value,
+                "done": 0,
+                "total": len(rows),
+            }
+            for candidate in spec.candidates
         ]
-        for label in labels:
-            keys += [self._key(comparison_id, "cand", label), self._key(comparison_id, "out", label)]
-        pipe = self.r.pipeline(transaction=False)
-        for key in keys:
-            pipe.expire(key, self.ttl_s)
+        written = [self._key(comparison_id), self._key(comparison_id, "rows")]
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self._key(comparison_id), mapping=record)
+        pipe.set(self._key(comparison_id, "rows"), json.dumps(rows))
+        for candidate_record in candidates:
+            key = self._key(comparison_id, "cand", str(candidate_record["label"]))
+            pipe.hset(key, mapping=candidate_record)
+            written.append(key)
+        pipe.zadd(self._index, {comparison_id: datetime.now(UTC).timestamp()})
+        if self.ttl_s:
+            # Keys written later (outputs, task ids, the ended set) get their expiry when written.
+            for key in written:
+                pipe.expire(key, self.ttl_s)
         pipe.execute()
+        record_read = {**record, "spec": stored_spec, "pairwise": [], "judge_ranking": None}
+        return record_read, [_decode_candidate({k: str(v) for k, v in c.items()}) for c in candidates]
 
     # ---- reads
     def exists(self, comparison_id: str) -> bool:

@@ -38,7 +38,9 @@ def submit_comparison(
     metrics = validate_comparison(spec, settings, metric_registry(store.r, store.prefix))
     comparison_id = uuid.uuid4().hex
     experiment = spec.experiment or settings.default_experiment
-    store.create(comparison_id=comparison_id, spec=spec, experiment=experiment, metrics=metrics)
+    record, candidates = store.create(
+        comparison_id=comparison_id, spec=spec, experiment=experiment, metrics=metrics
+    )
     try:
         publisher.start_comparison(comparison_id)
     except QueueUnavailable as exc:
@@ -55,7 +57,7 @@ def submit_comparison(
         rows=len(spec.dataset.rows),
         metrics=metrics,
     )
-    return read_comparison(comparison_id=comparison_id, store=store, settings=settings)
+    return _to_read(record, candidates, settings)
 
 
 def _load(store: ComparisonStore, comparison_id: str) -> dict[str, Any]:
@@ -67,16 +69,16 @@ def _load(store: ComparisonStore, comparison_id: str) -> dict[str, Any]:
 
 def read_comparison(*, comparison_id: str, store: ComparisonStore, settings: Settings) -> ComparisonRead:
     record = _load(store, comparison_id)
-    return _to_read(record, store, settings)
+    labels = [c["label"] for c in record["spec"]["candidates"]]
+    return _to_read(record, store.candidates(comparison_id, labels), settings)
 
 
-def _to_read(record: dict[str, Any], store: ComparisonStore, settings: Settings) -> ComparisonRead:
+def _to_read(record: dict[str, Any], stored: list[dict[str, Any]], settings: Settings) -> ComparisonRead:
     spec = record["spec"]
-    labels = [c["label"] for c in spec["candidates"]]
     ui = settings.mlflow_ui_url
     experiment_id = record.get("experiment_id")
     candidates = []
-    for cand in store.candidates(record["id"], labels):
+    for cand in stored:
         run_id = cand.get("run_id")
         candidates.append(
             CandidateStatus(
@@ -133,7 +135,9 @@ def list_comparisons(
     items = []
     for comparison_id in ids:
         try:
-            items.append(_to_read(store.get(comparison_id), store, settings))
+            record = store.get(comparison_id)
+            labels = [c["label"] for c in record["spec"]["candidates"]]
+            items.append(_to_read(record, store.candidates(comparison_id, labels), settings))
         except ComparisonNotFound:  # expired between the index read and now
             continue
     return ComparisonPage(items=items, total=total, limit=limit, offset=offset)
