@@ -56,6 +56,14 @@ def _cleanup_prefix(client: redis.Redis, prefix: str, queue: str) -> None:
     client.delete(queue)
 
 
+@pytest.fixture
+def redis_prefix(redis_client) -> Iterator[str]:
+    """A key prefix of this test's own, whose keys are deleted afterwards."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    yield prefix
+    _cleanup_prefix(redis_client, prefix, queue=prefix)
+
+
 @pytest.fixture(scope="session")
 def api_only(redis_url, redis_client, run_id, tmp_path_factory, model_root) -> Iterator[Stack]:
     """The API alone: no worker consumes its queue and no MLflow server answers."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from shared.schemas import CandidateState, ComparisonCreate, ComparisonStatus
@@ -11,12 +9,8 @@ from shared.store import ComparisonNotFound, ComparisonStore
 
 
 @pytest.fixture
-def store(redis_client):
-    prefix = f"test-store-{uuid.uuid4().hex[:8]}"
-    yield ComparisonStore(redis_client, prefix=prefix, ttl_s=600)
-    keys = list(redis_client.scan_iter(f"{prefix}:*"))
-    if keys:
-        redis_client.delete(*keys)
+def store(redis_client, redis_prefix):
+    return ComparisonStore(redis_client, prefix=redis_prefix, ttl_s=600)
 
 
 def make_spec() -> ComparisonCreate:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from services.worker.generation import Generated
@@ -61,12 +59,8 @@ def test_repeated_prompts_share_a_key_when_greedy_but_not_when_sampling():
 
 
 @pytest.fixture
-def cache(redis_client):
-    prefix = f"test-cache-{uuid.uuid4().hex[:8]}"
-    yield ResponseCache(redis_client, prefix=prefix, ttl_s=60)
-    keys = list(redis_client.scan_iter(f"{prefix}:*"))
-    if keys:
-        redis_client.delete(*keys)
+def cache(redis_client, redis_prefix):
+    return ResponseCache(redis_client, prefix=redis_prefix, ttl_s=60)
 
 
 def test_round_trip_on_redis(cache, redis_client):
