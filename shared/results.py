@@ -11,6 +11,12 @@ from typing import Any
 _ROW_KEYS = ("index", "input", "reference", "outputs")
 
 
+def has_reference(row: dict[str, Any]) -> bool:
+    """A row counts as having a reference when the value is present and not blank."""
+    value = row.get("reference")
+    return value is not None and str(value).strip() != ""
+
+
 def side_by_side(
     rows: list[dict[str, Any]], labels: list[str], outputs: dict[str, list[dict[str, Any]] | None]
 ) -> list[dict[str, Any]]:

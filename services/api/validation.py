@@ -12,21 +12,17 @@ import re
 from services.api.errors import FieldProblem, InvalidComparison
 from shared.catalog import CATALOG
 from shared.metrics import DEFAULT_METRICS, METRICS, MetricInfo
+from shared.results import has_reference
 from shared.schemas import ComparisonCreate, template_fields
 from shared.settings import Settings
 from shared.sources import SourceKind, classify_model, is_under_roots
-
-
-def _has_reference(row: dict) -> bool:
-    value = row.get("reference")
-    return value is not None and str(value).strip() != ""
 
 
 def resolve_metrics(spec: ComparisonCreate) -> list[str]:
     """The metrics a comparison will compute: those asked for, else the defaults that apply."""
     if spec.metrics is not None:
         return list(dict.fromkeys(spec.metrics))
-    every_row_has_reference = all(_has_reference(row) for row in spec.dataset.rows)
+    every_row_has_reference = all(has_reference(row) for row in spec.dataset.rows)
     chosen = [m for m in DEFAULT_METRICS if every_row_has_reference or not METRICS[m].needs_reference]
     if spec.regex is not None:
         chosen.append("regex_match")
@@ -182,7 +178,7 @@ def _check_metrics(
         problems.append(
             FieldProblem("metrics", f"give at least one metric, or omit the field for {DEFAULT_METRICS}")
         )
-    without_reference = [i for i, row in enumerate(spec.dataset.rows) if not _has_reference(row)]
+    without_reference = [i for i, row in enumerate(spec.dataset.rows) if not has_reference(row)]
     for i, name in enumerate(spec.metrics):
         info = registry.get(name)
         if info is None:

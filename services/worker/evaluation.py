@@ -6,12 +6,14 @@ import math
 import warnings
 from typing import Any
 
+import mlflow
 import pandas as pd
 
 from services.worker.custom_metrics import CustomMetric
 from services.worker.generation import Generated
 from services.worker.metrics import build_metrics, model_type_builtins
 from services.worker.stats import aggregate
+from shared.results import has_reference
 
 _ROW_COLUMNS_RESERVED = {
     "inputs",
@@ -29,11 +31,6 @@ def _metric_key(metric: Any) -> str:
     return f"{metric.name}/{metric.version}" if getattr(metric, "version", None) else metric.name
 
 
-def _has_reference(row: dict[str, Any]) -> bool:
-    value = row.get("reference")
-    return value is not None and str(value).strip() != ""
-
-
 def build_frame(rows: list[dict[str, Any]], prompts: list[str], generated: list[Generated]) -> pd.DataFrame:
     # "inputs" is the dataset's own input, identical across candidates, so tables of several runs
     # join on it; "prompt" is what this candidate's model actually saw.
@@ -47,7 +44,7 @@ def build_frame(rows: list[dict[str, Any]], prompts: list[str], generated: list[
         "output_token_count": [g.output_tokens for g in generated],
         "latency_s": [g.latency_s for g in generated],
     }
-    if any(_has_reference(row) for row in rows):
+    if any(has_reference(row) for row in rows):
         frame["reference"] = [None if row.get("reference") is None else str(row["reference"]) for row in rows]
     extra = [k for k in rows[0] if k not in ("input", "reference") and k not in _ROW_COLUMNS_RESERVED]
     for key in extra:
@@ -68,8 +65,6 @@ def evaluate_outputs(
     custom: dict[str, CustomMetric] | None = None,
 ) -> dict[str, Any]:
     """Run mlflow.evaluate on the outputs; return aggregates and per-row scores by metric name."""
-    import mlflow
-
     data = build_frame(rows, prompts, generated)
     custom = custom or {}
     builtin_names = [n for n in metric_names if n not in custom]
@@ -77,7 +72,7 @@ def evaluate_outputs(
     registry_metrics.update({n: custom[n].to_mlflow(rows) for n in metric_names if n in custom})
     builtins, skipped = model_type_builtins(model_type, metric_names)
     named = {**registry_metrics, **{m.name: m for m in builtins}}
-    with_targets = all(_has_reference(row) for row in rows)
+    with_targets = all(has_reference(row) for row in rows)
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         # model_type stays None: its default metrics would be added and, offline, fail the whole

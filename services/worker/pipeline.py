@@ -16,11 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlflow
 import structlog
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 
 from services.worker import tracking
 from services.worker.custom_metrics import CustomMetric
 from services.worker.errors import is_transient
+from services.worker.evaluation import evaluate_outputs
 from services.worker.generation import (
     Generated,
     GenerationCancelled,
@@ -67,10 +71,9 @@ class WorkerContext:
 # ---------------------------------------------------------------------------------------- start
 def start_comparison(ctx: WorkerContext, comparison_id: str) -> str:
     store = ctx.store
-    if store.status(comparison_id).is_final:
-        log.info(
-            "comparison.skip_start", comparison_id=comparison_id, status=store.status(comparison_id).value
-        )
+    status = store.status(comparison_id)
+    if status.is_final:
+        log.info("comparison.skip_start", comparison_id=comparison_id, status=status.value)
         return "skipped"
     if store.transition(comparison_id, ComparisonStatus.running, allowed_from=[ComparisonStatus.queued]):
         store.set_fields(comparison_id, started_at=utcnow())
@@ -250,8 +253,6 @@ def _generate_and_evaluate(
     experiment_id: str,
     lease: Lease,
 ) -> dict[str, Any]:
-    import mlflow
-
     store = ctx.store
     label = candidate.label
     started = time.perf_counter()
@@ -299,8 +300,6 @@ def _generate_and_evaluate(
     lease.renew()
     # Outputs are kept even if scoring fails below, so /results can still show them.
     store.save_outputs(comparison_id, label, [{"output": g.output, "scores": {}} for g in generated])
-
-    from services.worker.evaluation import evaluate_outputs
 
     params = {
         "model": candidate.model,
@@ -367,9 +366,6 @@ def _judge_if_needed(ctx: WorkerContext, metric_names: list[str]) -> Judge | Non
 
 
 def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
-    from mlflow.entities import Param
-    from mlflow.exceptions import MlflowException
-
     entries = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in params.items() if v is not None]
     try:
         client.log_batch(run_id, params=entries)
@@ -406,17 +402,18 @@ def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
         f"{c['label']}: {c.get('error')}" for c in candidates if c["status"] == CandidateState.failed.value
     ]
 
+    rows = store.rows(comparison_id)
     outputs = {label: store.outputs(comparison_id, label) for label in labels}
     pairwise = pairwise_statistics(spec["metrics"], candidates, outputs, ctx.metric_info())
     store.set_fields(comparison_id, pairwise=json.dumps(pairwise))
     judge_ranking = None
     if spec.get("pairwise_judge"):
-        judge_ranking = pairwise_judging(ctx, spec, store.rows(comparison_id), candidates, outputs)
+        judge_ranking = pairwise_judging(ctx, spec, rows, candidates, outputs)
         store.set_fields(comparison_id, judge_ranking=json.dumps(judge_ranking))
     summary = build_summary(
         comparison_id=comparison_id,
         spec=spec,
-        rows=store.rows(comparison_id),
+        rows=rows,
         candidates=candidates,
         outputs=outputs,
         pairwise=pairwise,
@@ -424,8 +421,6 @@ def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
     )
     parent_run_id = record.get("parent_run_id")
     if parent_run_id:
-        from mlflow.entities import Metric
-
         client = tracking.client(ctx.settings.mlflow_tracking_uri)
         client.log_dict(parent_run_id, summary, "comparison_summary.json")
         client.log_text(parent_run_id, render_html(summary), "comparison_summary.html")
@@ -445,18 +440,13 @@ def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
             else ("FINISHED" if outcome is not ComparisonStatus.failed else "FAILED")
         )
         client.set_terminated(parent_run_id, status=run_status)
-    if not store.transition(
-        comparison_id, outcome, allowed_from=[ComparisonStatus.running, ComparisonStatus.queued]
-    ):
-        log.info(
-            "comparison.final_status_kept",
-            comparison_id=comparison_id,
-            status=store.status(comparison_id).value,
-        )
+    # A cancelled comparison keeps its status; anything else takes the outcome.
+    store.transition(comparison_id, outcome, allowed_from=[ComparisonStatus.running, ComparisonStatus.queued])
     if failed_errors and outcome is not ComparisonStatus.succeeded:
         store.set_fields(comparison_id, error="; ".join(failed_errors)[:2000])
-    log.info("comparison.finished", comparison_id=comparison_id, status=store.status(comparison_id).value)
-    return store.status(comparison_id).value
+    final = store.status(comparison_id)
+    log.info("comparison.finished", comparison_id=comparison_id, status=final.value)
+    return final.value
 
 
 def pairwise_statistics(

@@ -91,6 +91,16 @@ ROWS = [
 ]
 
 
+TINY_METRICS = [
+    "exact_match",
+    "contains_reference",
+    "output_tokens",
+    "output_words",
+    "latency",
+    "ari_grade_level",
+]
+
+
 def tiny_spec(tiny_models: dict[str, Path], **overrides: Any) -> dict[str, Any]:
     spec = {
         "name": "tiny-causal-vs-t5",
@@ -111,14 +121,7 @@ def tiny_spec(tiny_models: dict[str, Path], **overrides: Any) -> dict[str, Any]:
             },
         ],
         "dataset": {"rows": ROWS},
-        "metrics": [
-            "exact_match",
-            "contains_reference",
-            "output_tokens",
-            "output_words",
-            "latency",
-            "ari_grade_level",
-        ],
+        "metrics": TINY_METRICS,
         "tags": {"team": "e2e"},
     }
     spec.update(overrides)
@@ -144,14 +147,7 @@ class TestTwoCandidates:
             assert (progress["done"], progress["total"], progress["eta_s"]) == (5, 5, 0)
             assert progress["tokens_per_second"] > 0
             assert candidate["error"] is None
-            assert set(candidate["metrics"]) == {
-                "exact_match",
-                "contains_reference",
-                "output_tokens",
-                "output_words",
-                "latency",
-                "ari_grade_level",
-            }
+            assert set(candidate["metrics"]) == set(TINY_METRICS)
             assert 0 <= candidate["metrics"]["exact_match"] <= 1
             assert candidate["metrics"]["latency"] > 0
             assert candidate["mlflow_run_url"].endswith(candidate["mlflow_run_id"])
