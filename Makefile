@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo dev stop status test test-fast lint format bench-metrics bench-submit up down clean
+.PHONY: install demo dev stop status test test-fast lint format bench bench-metrics bench-submit up down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,17 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The peer tool the benchmark measures against, kept out of the service's environment.
+LMEVAL_VENV := .venv-lmeval
+$(LMEVAL_VENV)/.installed: scripts/lm-eval-requirements.txt
+	$(PYTHON) -m venv $(LMEVAL_VENV)
+	$(LMEVAL_VENV)/bin/pip install --quiet torch==2.13.0
+	$(LMEVAL_VENV)/bin/pip install --quiet -r scripts/lm-eval-requirements.txt
+	touch $@
+
+bench: install $(LMEVAL_VENV)/.installed ## one comparison five ways: notebook, service cold/warm/cached, lm-eval
+	$(PY) -m scripts.bench $(BENCH_ARGS)
+
 bench-metrics: install ## cost of the default metric set next to generating 500 rows
 	$(PY) -m scripts.bench_metrics
 
@@ -60,4 +71,4 @@ down:
 	docker compose down
 
 clean: stop
-	rm -rf .run
+	rm -rf .run $(LMEVAL_VENV)

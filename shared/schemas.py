@@ -145,6 +145,9 @@ class CandidateStatus(BaseModel):
     # host:pid of the worker process that ran it, for operators tracing a slow or failed run.
     worker: str | None = None
     started_at: datetime | None = None
+    # When the first batch went to the model (after loading it and reading the response cache);
+    # absent when every row came from the cache.
+    generation_started_at: datetime | None = None
     finished_at: datetime | None = None
 
 

@@ -50,7 +50,13 @@ class Settings(BaseSettings):
     # Worker behaviour
     # De-quantised copies of GGUF files, so each file is converted once per host.
     model_cache_dir: Path = Path.home() / ".cache" / "llm-compare" / "models"
-    generation_batch_size: int = Field(8, ge=1)
+    # Rows generated together. Decoding reads every weight once per step whatever the batch, so
+    # bigger batches are nearly free until compute binds; on out-of-memory a batch is halved.
+    generation_batch_size: int = Field(64, ge=1)
+    # Attention cache one CPU batch may take (longest prompt + max_new_tokens, every row): a CPU
+    # out-of-memory kills the worker instead of raising, so long rows get smaller batches. GPUs
+    # use most of their free memory instead, and halve a batch on out-of-memory. 0: no cap.
+    generation_kv_cache_mb: float = Field(256, ge=0)
     # Weights a worker process keeps loaded across tasks; least recently used models go first.
     model_cache_max_gb: float = Field(4.0, gt=0)
     torch_threads: int | None = None
@@ -83,6 +89,10 @@ class Settings(BaseSettings):
     @property
     def model_cache_max_bytes(self) -> int:
         return int(self.model_cache_max_gb * 1024**3)
+
+    @property
+    def kv_cache_budget_bytes(self) -> int | None:
+        return int(self.generation_kv_cache_mb * 1024**2) or None
 
     @property
     def judge_configured(self) -> bool:

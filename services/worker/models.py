@@ -107,6 +107,11 @@ def _gguf_cache_dir(gguf_path: Path, digest: str, settings: Settings) -> Path:
     return settings.model_cache_dir / f"{gguf_path.stem}-{digest[:16]}"
 
 
+def converted_gguf_dir(gguf_path: Path, settings: Settings) -> Path:
+    """Where the de-quantised copy of a GGUF file lives (it exists once the file has been loaded)."""
+    return _gguf_cache_dir(gguf_path, _sha256(gguf_path), settings)
+
+
 def _load_gguf(gguf_path: Path, digest: str, settings: Settings) -> tuple[Any, Any]:
     """Load a GGUF file through a de-quantised copy kept on disk.
 

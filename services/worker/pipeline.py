@@ -268,6 +268,8 @@ def _generate_and_evaluate(
     missing = [i for i, hit in enumerate(cached) if hit is None]
     hits = len(prompts) - len(missing)
     store.set_progress(comparison_id, label, done=hits, total=len(rows))
+    if missing:
+        store.set_candidate_fields(comparison_id, label, generation_started_at=utcnow())
     started = time.perf_counter()
 
     def on_batch(done: int, tokens: int) -> None:
@@ -289,6 +291,7 @@ def _generate_and_evaluate(
         loaded=loaded,
         prompts=[prompts[i] for i in missing],
         batch_size=ctx.settings.generation_batch_size,
+        kv_cache_budget_bytes=ctx.settings.kv_cache_budget_bytes,
         on_batch=on_batch,
     )
     generation_seconds = time.perf_counter() - started
@@ -314,6 +317,7 @@ def _generate_and_evaluate(
         "use_chat_template": candidate.use_chat_template,
         "chat_template_applied": chat,
         "batch_size": ctx.settings.generation_batch_size,
+        "kv_cache_budget_mb": ctx.settings.generation_kv_cache_mb,
         "response_cache": "on" if use_cache else "off",
         "model_type": spec.get("model_type"),
         **{f"generation.{k}": v for k, v in candidate.generation.model_dump().items()},
@@ -322,15 +326,15 @@ def _generate_and_evaluate(
     client = tracking.client(ctx.settings.mlflow_tracking_uri)
     _log_params(client, run_id, params)
     total_tokens = sum(g.output_tokens for g in fresh)
-    client.log_metric(run_id, "cache_hits", hits)
-    client.log_metric(run_id, "cache_misses", len(missing))
-    client.log_metric(run_id, "load_seconds", load_seconds)
-    client.log_metric(run_id, "generation_seconds", generation_seconds)
-    client.log_metric(
-        run_id,
-        "generation_tokens_per_second",
-        total_tokens / generation_seconds if generation_seconds else 0.0,
-    )
+    now_ms = int(time.time() * 1000)
+    run_metrics = {
+        "cache_hits": hits,
+        "cache_misses": len(missing),
+        "load_seconds": load_seconds,
+        "generation_seconds": generation_seconds,
+        "generation_tokens_per_second": total_tokens / generation_seconds if generation_seconds else 0.0,
+    }
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now_ms, 0) for k, v in run_metrics.items()])
 
     mlflow.set_tracking_uri(ctx.settings.mlflow_tracking_uri)
     scored = evaluate_outputs(

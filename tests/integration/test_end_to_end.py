@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -358,6 +359,14 @@ def test_response_cache_reuses_outputs_unless_told_not_to(client, mlflow_client,
     assert (
         mlflow_client.get_run(fresh["candidates"][0]["mlflow_run_id"]).data.params["response_cache"] == "off"
     )
+    # Generation start is stamped when something is generated, after the candidate started.
+    assert all(c["generation_started_at"] is None for c in again["candidates"])
+    for candidate in fresh["candidates"]:
+        started, generating = (
+            datetime.fromisoformat(candidate[k]) for k in ("started_at", "generation_started_at")
+        )
+        assert datetime.fromisoformat(fresh["created_at"]) <= started <= generating
+        assert generating <= datetime.fromisoformat(candidate["finished_at"])
 
 
 def test_a_failing_candidate_does_not_stop_the_other(client, mlflow_client, tiny_models, model_root):

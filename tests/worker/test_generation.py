@@ -78,8 +78,8 @@ def test_greedy_batch_equals_one_at_a_time(kind, causal, seq2seq):
     assert [g.output_tokens for g in batched] == [g.output_tokens for g in single]
     assert all(0 < g.output_tokens <= 8 for g in batched)
     tokens = [g.output_tokens for g in batched]
-    # Rows are batched shortest prompt first; progress reports rows and tokens after each batch.
-    assert [done for done, _ in progress] == [3, 4]
+    # At most 3 rows a batch, evened out: 4 rows run as 2 + 2. Progress comes after each batch.
+    assert [done for done, _ in progress] == [2, 4]
     assert progress[-1][1] == sum(tokens)
 
 
@@ -128,3 +128,84 @@ def test_stop_strings_end_each_row_on_its_own(causal):
         assert after.output == before.output[:cut].strip()
         assert after.output_tokens <= before.output_tokens
     assert any(a.output_tokens < b.output_tokens for a, b in zip(stopped, free, strict=True))
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 5, 1.0), (0.7, 8, 0.9), (1.3, 20, 0.5)])
+def test_top_k_sampler_draws_from_the_distribution_transformers_defines(temperature, top_k, top_p):
+    import torch
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from services.worker.generation import top_k_top_p_probs
+
+    torch.manual_seed(0)
+    scores = torch.randn(3, 40) * 3
+    expected = scores.clone()
+    for warper in (TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)):
+        expected = warper(None, expected)
+    expected = torch.softmax(expected, dim=-1)
+
+    probs, ids = top_k_top_p_probs(scores, temperature=temperature, top_k=top_k, top_p=top_p)
+    ours = torch.zeros_like(scores).scatter_(-1, ids, probs)
+    assert torch.allclose(ours, expected, atol=1e-6)
+    # top_p leaves fewer tokens than top_k when the mass concentrates.
+    assert int((expected > 0).sum()) <= 3 * top_k
+
+
+def test_top_k_sampler_picks_tokens_with_those_frequencies():
+    import torch
+
+    from services.worker.generation import TopKSampler, top_k_top_p_probs
+
+    torch.manual_seed(1)
+    scores = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -5.0]]).repeat(20_000, 1)
+    chosen = TopKSampler(temperature=1.0, top_k=4, top_p=1.0)(None, scores)
+    # Exactly one allowed token per row, as greedy decoding expects.
+    assert bool((torch.isfinite(chosen).sum(dim=-1) == 1).all())
+    picks = chosen.argmax(dim=-1)
+    frequencies = torch.bincount(picks, minlength=6).float() / len(picks)
+    probs, ids = top_k_top_p_probs(scores[:1], temperature=1.0, top_k=4, top_p=1.0)
+    expected = torch.zeros(6).scatter_(0, ids[0], probs[0])
+    assert torch.allclose(frequencies, expected, atol=0.015)
+    assert frequencies[4] == 0 and frequencies[5] == 0
+
+
+def test_sampling_without_top_k_uses_the_full_vocabulary(causal):
+    candidate = CandidateSpec(
+        label="s", model="m", generation={"max_new_tokens": 4, "do_sample": True, "top_k": 0, "seed": 2}
+    )
+    outputs = generate_outputs(candidate=candidate, loaded=causal, prompts=PROMPTS, batch_size=4)
+    assert len(outputs) == len(PROMPTS) and all(g.output_tokens <= 4 for g in outputs)
+
+
+def test_rows_per_batch_keeps_the_attention_cache_within_budget():
+    from services.worker.generation import rows_per_batch
+
+    # 46 KB a token (SmolLM2-135M in fp32), 124 tokens a row: 64 rows would need 365 MB.
+    per_token = 2 * 30 * 3 * 64 * 4
+    assert per_token == 46_080
+    size = rows_per_batch(
+        rows=64, batch_size=64, longest_tokens=124, bytes_per_token=per_token, budget_bytes=256 * 2**20
+    )
+    assert size == 32  # 46 would fit; two even batches of 32 instead of 46 + 18
+    assert size * 124 * per_token <= 256 * 2**20
+    assert (
+        rows_per_batch(rows=70, batch_size=64, longest_tokens=10, bytes_per_token=None, budget_bytes=None)
+        == 35
+    )
+    assert (
+        rows_per_batch(rows=3, batch_size=64, longest_tokens=10, bytes_per_token=per_token, budget_bytes=1)
+        == 1
+    )
+    assert (
+        rows_per_batch(rows=5, batch_size=8, longest_tokens=10, bytes_per_token=None, budget_bytes=None) == 5
+    )
+
+
+def test_kv_cache_size_comes_from_the_model_config(causal, seq2seq):
+    from services.worker.generation import kv_cache_bytes_per_token
+
+    config = causal.model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert kv_cache_bytes_per_token(causal.model) == 2 * config.num_hidden_layers * kv_heads * head_dim * 4
+    assert kv_cache_bytes_per_token(seq2seq.model) > 0

