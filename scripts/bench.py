@@ -14,10 +14,12 @@ The work: 2 candidates (SmolLM2-135M-Instruct greedy, and sampled at temperature
   e  lm-eval    EleutherAI lm-evaluation-harness, `lm_eval --model hf`, batch size 32, a local task
                 over the same rendered prompts, one process per candidate (whole process timed)
 
+Last, once, the warm run with CPU_DTYPE=bfloat16 (not the default), for CPUs with AMX.
+
 It also measures the machine's ceiling (fp32 matmul FLOP/s and copy bandwidth), the worker's
 peak RSS and the time from submit until a warm, idle worker starts generating.
 
-    python -m scripts.bench [--repeat 3] [--skip notebook,first-run,lm-eval] [--out bench.json]
+    python -m scripts.bench [--repeat 3] [--skip notebook,first-run,lm-eval,bf16] [--out bench.json]
 
 With --repeat N, b/c/d/e and the latency probe run N times (a fresh worker and an empty response
 cache each time) and the table shows medians; the notebook way runs once (--notebook-repeat).
@@ -458,6 +460,7 @@ def print_table(report: dict[str, Any]) -> None:
         "c_warm": "c  service, warm, response cache off",
         "d_cached": "d  service, response cache on",
         "e_lm_eval": f"e  lm-evaluation-harness (batch {LM_EVAL_BATCH})",
+        "c_bf16": "c  again with CPU_DTYPE=bfloat16 (not default)",
     }
     print()
     print(
@@ -497,6 +500,12 @@ def print_table(report: dict[str, Any]) -> None:
             f"{rate / ceil['tokens_per_s_at_batch']:.0%} of the batch-{ceil['batch']} ceiling, "
             f"{rate / ceil['compute_bound_tokens_per_s']:.0%} of the compute ceiling"
         )
+    bf16 = runs.get("c_bf16") or []
+    if bf16:
+        print(
+            f"with CPU_DTYPE=bfloat16: {bf16[-1]['generation_tokens_per_second']} tokens/s, "
+            f"worker peak RSS {bf16[-1]['worker_peak_rss_after'] / 1e9:.2f} GB (a fresh worker)"
+        )
     print()
     for label, value, ok in verdicts(report):
         mark = "—" if ok is None else ("met" if ok else "NOT met")
@@ -510,7 +519,7 @@ def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs of b, c, d, e and the latency probe")
     parser.add_argument("--notebook-repeat", type=int, default=1)
-    parser.add_argument("--skip", default="", help="comma-separated: notebook, first-run, lm-eval")
+    parser.add_argument("--skip", default="", help="comma-separated: notebook, first-run, lm-eval, bf16")
     parser.add_argument("--latency-probes", type=int, default=7)
     parser.add_argument("--lm-eval", default=str(ROOT / ".venv-lmeval" / "bin" / "lm_eval"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench.json")
@@ -561,7 +570,7 @@ def main() -> None:
         queue_name=f"bench-{tag}",
         key_prefix=f"bench-{tag}",
     )
-    modes = ("a_notebook", "b0_first_run", "b_cold", "c_warm", "d_cached", "e_lm_eval")
+    modes = ("a_notebook", "b0_first_run", "b_cold", "c_warm", "d_cached", "e_lm_eval", "c_bf16")
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     latencies: list[float] = []
     rss: list[dict[str, int]] = []
@@ -626,6 +635,23 @@ def main() -> None:
                 )
                 runs["e_lm_eval"].append(result)
                 log(f"    (e) lm-eval: {result['seconds']} s")
+        if "bf16" not in skip:
+            # Not the default: CPU_DTYPE=bfloat16, which trades fp32's exactness for speed on CPUs
+            # with AMX / AVX-512 BF16. One cold run to load, then the measured warm run.
+            stack.extra_env["CPU_DTYPE"] = "bfloat16"
+            worker_pid = restart_worker(stack)
+            log("(c-bf16) the warm run again with CPU_DTYPE=bfloat16 ...")
+            service_run(client, comparison_spec(rows, name="bench-bf16-load", cache=False), stack.mlflow_url)
+            result = service_run(
+                client, comparison_spec(rows, name="bench-bf16", cache=False), stack.mlflow_url
+            )
+            result["worker_peak_rss_after"] = worker_peak_rss(worker_pid)["pool_child_max"]
+            runs["c_bf16"].append(result)
+            log(
+                f"    {result['seconds']} s, generation {result['generation_tokens_per_second']} tokens/s, "
+                f"worker peak RSS {result['worker_peak_rss_after'] / 1e9:.2f} GB"
+            )
+            del stack.extra_env["CPU_DTYPE"]
         client.close()
     finally:
         stack.stop()

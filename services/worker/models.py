@@ -224,6 +224,13 @@ def _load(source: ModelSource, *, revision: str | None, settings: Settings) -> L
         params = {}
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if device == "cpu" and settings.cpu_dtype != "float32":
+        # Loaded (and, for GGUF, cached on disk) in fp32 first; the cast is a fraction of a second.
+        import torch
+
+        dtype = getattr(torch, settings.cpu_dtype)
+        dtype_name = settings.cpu_dtype
+        model = model.to(dtype)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

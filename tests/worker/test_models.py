@@ -23,6 +23,25 @@ def test_local_causal_directory(tiny_models, settings):
     assert loaded.has_chat_template
 
 
+def test_cpu_dtype_bfloat16_casts_the_weights_and_generates(tiny_models, model_root):
+    import torch
+
+    from services.worker.generation import generate_outputs
+    from shared.schemas import CandidateSpec
+
+    settings = Settings(model_roots=[model_root], cpu_dtype="bfloat16")
+    loaded = load_model(str(tiny_models["causal"]), revision=None, settings=settings)
+    assert loaded.dtype == "bfloat16"
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    full = load_model(str(tiny_models["causal"]), revision=None, settings=Settings(model_roots=[model_root]))
+    assert model_bytes(loaded) * 2 == model_bytes(full)
+    candidate = CandidateSpec(label="b", model="m", generation={"max_new_tokens": 5})
+    outputs = generate_outputs(
+        candidate=candidate, loaded=loaded, prompts=["hello", "a longer prompt"], batch_size=2
+    )
+    assert [0 < g.output_tokens <= 5 for g in outputs] == [True, True]
+
+
 def test_local_seq2seq_directory(tiny_models, settings):
     loaded = load_model(str(tiny_models["seq2seq"]), revision=None, settings=settings)
     assert loaded.is_seq2seq
