@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     # Attention cache one CPU batch may take (longest prompt + max_new_tokens, every row): a CPU
     # out-of-memory kills the worker instead of raising, so long rows get smaller batches. GPUs
     # use most of their free memory instead, and halve a batch on out-of-memory. 0: no cap.
-    generation_kv_cache_mb: float = Field(256, ge=0)
+    generation_kv_cache_mb: float = Field(384, ge=0)
     # Weights a worker process keeps loaded across tasks; least recently used models go first.
     model_cache_max_gb: float = Field(4.0, gt=0)
     torch_threads: int | None = None
