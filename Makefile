@@ -55,7 +55,7 @@ $(LMEVAL_VENV)/.installed: scripts/lm-eval-requirements.txt
 	$(LMEVAL_VENV)/bin/pip install --quiet -r scripts/lm-eval-requirements.txt
 	touch $@
 
-bench: install $(LMEVAL_VENV)/.installed ## one comparison five ways: notebook, service cold/warm/cached, lm-eval
+bench: install $(LMEVAL_VENV)/.installed ## one comparison several ways: notebook, service cold/warm/cached, lm-eval (BENCH_ARGS="--repeat 3")
 	$(PY) -m scripts.bench $(BENCH_ARGS)
 
 bench-metrics: install ## cost of the default metric set next to generating 500 rows
