@@ -167,14 +167,18 @@ def generate_outputs(
     batch_size: int,
     kv_cache_budget_bytes: int | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+    step_every_s: float = 2.0,
 ) -> list[Generated]:
     """Generate one output per prompt, in batches of similar length, keeping the input order.
 
     Batches hold at most ``batch_size`` rows and, on CPU, no more than fit
     ``kv_cache_budget_bytes`` of attention cache: a CPU out-of-memory kills the worker instead of
     raising. On GPU the budget is most of the free memory, and an out-of-memory halves the batch.
-    ``on_batch(rows_done, tokens_done)`` is called after each batch; it may raise
-    GenerationCancelled to stop.
+    ``on_batch(rows_done, tokens_done)`` is called after each batch, and
+    ``on_step(rows_done, tokens_done, fraction_done)`` inside a batch at most every
+    ``step_every_s`` (counting the batch's tokens so far); either may raise GenerationCancelled
+    to stop.
     """
     import torch
 
@@ -202,8 +206,22 @@ def generate_outputs(
     )
     while start < len(order):
         batch = order[start : start + size]
+        step_hook = (
+            None
+            if on_step is None
+            else _batch_progress(
+                on_step,
+                rows_done=done,
+                tokens_done=tokens_done,
+                batch_rows=len(batch),
+                total_rows=len(prompts),
+                max_new_tokens=candidate.generation.max_new_tokens,
+            )
+        )
         try:
-            outputs, seconds = _generate_batch(loaded, [prompts[i] for i in batch], kwargs)
+            outputs, seconds = _generate_batch(
+                loaded, [prompts[i] for i in batch], kwargs, step_hook, eos_ids, step_every_s
+            )
         except torch.OutOfMemoryError:
             if size == 1:
                 raise
@@ -275,10 +293,58 @@ def _strip_after_eos(token_ids: list[int], eos_ids: set[int], pad_id: int | None
     return kept
 
 
+def _batch_progress(
+    on_step: Callable[[int, int, float], None],
+    *,
+    rows_done: int,
+    tokens_done: int,
+    batch_rows: int,
+    total_rows: int,
+    max_new_tokens: int,
+) -> Callable[[int, int], None]:
+    """Turns a batch's (steps, tokens so far) into the whole job's (rows, tokens, fraction done)."""
+
+    def report(steps: int, batch_tokens: int) -> None:
+        fraction = (rows_done + batch_rows * min(1.0, steps / max_new_tokens)) / total_rows
+        on_step(rows_done, tokens_done + batch_tokens, fraction)
+
+    return report
+
+
+class StepProgress:
+    """A stopping criterion that never stops: after a decoding step, at most every ``every_s``,
+    it reports how many steps ran and how many tokens the batch's rows produced before their EOS."""
+
+    def __init__(
+        self, report: Callable[[int, int], None], *, prompt_length: int, eos_ids: set[int], every_s: float
+    ):
+        self.report, self.prompt_length, self.every_s = report, prompt_length, every_s
+        self.eos_ids = sorted(eos_ids)
+        self.last = time.perf_counter()
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            new = input_ids[:, self.prompt_length :]
+            eos = torch.tensor(self.eos_ids, device=new.device)
+            ended = torch.isin(new, eos).cumsum(dim=1) > 0
+            self.report(new.shape[1], int((~ended).sum()))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def _generate_batch(
-    loaded: LoadedModel, prompts: list[str], kwargs: dict[str, Any]
+    loaded: LoadedModel,
+    prompts: list[str],
+    kwargs: dict[str, Any],
+    on_step: Callable[[int, int], None] | None = None,
+    eos_ids: set[int] | None = None,
+    step_every_s: float = 2.0,
 ) -> tuple[list[list[int]], float]:
     import torch
+    from transformers import StoppingCriteriaList
 
     tokenizer = loaded.tokenizer
     tokenizer.padding_side = "right" if loaded.is_seq2seq else "left"
@@ -286,6 +352,15 @@ def _generate_batch(
     add_special = loaded.is_seq2seq or not _starts_with_bos(tokenizer, prompts[0])
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special)
     encoded = {k: v.to(loaded.device) for k, v in encoded.items()}
+    if on_step is not None:
+        # Decoder ids: the prompt for causal models, the decoder start token for seq2seq ones.
+        hook = StepProgress(
+            on_step,
+            prompt_length=1 if loaded.is_seq2seq else encoded["input_ids"].shape[1],
+            eos_ids=eos_ids or set(),
+            every_s=step_every_s,
+        )
+        kwargs = {**kwargs, "stopping_criteria": StoppingCriteriaList([hook])}
     started = time.perf_counter()
     with torch.inference_mode():
         generated = loaded.model.generate(**encoded, **kwargs)

@@ -272,7 +272,8 @@ def _generate_and_evaluate(
         store.set_candidate_fields(comparison_id, label, generation_started_at=utcnow())
     started = time.perf_counter()
 
-    def on_batch(done: int, tokens: int) -> None:
+    def on_progress(done: int, tokens: int, fraction: float) -> None:
+        # Also inside long batches: the lease must outlive no batch, and a cancel lands mid-batch.
         lease.renew()
         elapsed = time.perf_counter() - started
         store.set_progress(
@@ -281,7 +282,7 @@ def _generate_and_evaluate(
             done=hits + done,
             total=len(rows),
             tokens_per_second=tokens / elapsed if elapsed > 0 else None,
-            eta_s=elapsed / done * (len(missing) - done) if done else None,
+            eta_s=elapsed * (1 - fraction) / fraction if fraction > 0 else None,
         )
         if store.status(comparison_id) is ComparisonStatus.cancelled:
             raise GenerationCancelled()
@@ -292,7 +293,8 @@ def _generate_and_evaluate(
         prompts=[prompts[i] for i in missing],
         batch_size=ctx.settings.generation_batch_size,
         kv_cache_budget_bytes=ctx.settings.kv_cache_budget_bytes,
-        on_batch=on_batch,
+        on_batch=lambda done, tokens: on_progress(done, tokens, done / len(missing)),
+        on_step=on_progress,
     )
     generation_seconds = time.perf_counter() - started
     cache.put_many({keys[i]: g for i, g in zip(missing, fresh, strict=True)})

@@ -209,3 +209,39 @@ def test_kv_cache_size_comes_from_the_model_config(causal, seq2seq):
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     assert kv_cache_bytes_per_token(causal.model) == 2 * config.num_hidden_layers * kv_heads * head_dim * 4
     assert kv_cache_bytes_per_token(seq2seq.model) > 0
+
+
+def test_progress_is_reported_inside_a_batch_and_a_cancel_stops_it_there(causal):
+    from services.worker.generation import GenerationCancelled
+
+    candidate = CandidateSpec(label="a", model="m", generation={"max_new_tokens": 8, "stop": []})
+    steps: list[tuple[int, int, float]] = []
+    outputs = generate_outputs(
+        candidate=candidate,
+        loaded=causal,
+        prompts=PROMPTS,
+        batch_size=4,
+        on_step=lambda done, tokens, fraction: steps.append((done, tokens, fraction)),
+        step_every_s=0,
+    )
+    assert steps, "no progress inside the batch"
+    # One batch of 4: no row is done before it ends; tokens and the fraction only grow.
+    assert {done for done, _, _ in steps} == {0}
+    tokens = [t for _, t, _ in steps]
+    fractions = [f for _, _, f in steps]
+    assert tokens == sorted(tokens) and fractions == sorted(fractions)
+    assert fractions[0] > 0 and fractions[-1] <= 1
+    assert tokens[-1] <= sum(g.output_tokens for g in outputs)
+
+    calls = 0
+
+    def cancel(done: int, tokens: int, fraction: float) -> None:
+        nonlocal calls
+        calls += 1
+        raise GenerationCancelled()
+
+    with pytest.raises(GenerationCancelled):
+        generate_outputs(
+            candidate=candidate, loaded=causal, prompts=PROMPTS, batch_size=4, on_step=cancel, step_every_s=0
+        )
+    assert calls == 1
