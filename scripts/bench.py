@@ -155,24 +155,6 @@ def run_json(args: list[str], *, env: dict[str, str] | None = None, log_file: Pa
     return json.loads(done.stdout.decode().strip().splitlines()[-1])
 
 
-def render_prompts(model_dir: str, rows: list[dict[str, Any]]) -> tuple[list[str], int]:
-    """The prompts exactly as the service renders them (chat template, no system prompt), and
-    the longest one in tokens."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": TEMPLATE.format(input=row["input"])}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        for row in rows
-    ]
-    longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
-    return [str(p) for p in prompts], longest
-
-
 def count_tokens(model_dir: str, texts: list[str]) -> int:
     from transformers import AutoTokenizer
 
@@ -261,17 +243,14 @@ def service_run(client: ComparisonClient, spec: dict[str, Any], mlflow_uri: str)
             }
         )
     generation_s = sum(c["generation_seconds"] for c in per_candidate)
-    generated = sum(
-        c["generation_tokens_per_second"] * c["generation_seconds"]
-        for c in per_candidate
-        if c["cache_hits"] == 0
-    )
+    # Every row was generated (no response-cache hit), so the output tokens are what was generated.
+    all_generated = all(c["cache_hits"] == 0 for c in per_candidate) and generation_s > 0
     return {
         "comparison_id": comparison_id,
         "seconds": round(seconds, 2),
         "output_tokens": tokens,
         "generation_seconds": round(generation_s, 2),
-        "generation_tokens_per_second": round(generated / generation_s, 1) if generation_s > 0.01 else None,
+        "generation_tokens_per_second": round(tokens / generation_s, 1) if all_generated else None,
         "candidates": per_candidate,
     }
 
@@ -562,8 +541,21 @@ def main() -> None:
     )
 
     log("preparing the model (the GGUF file is de-quantised once per host) ...")
-    model = run_json([python(), "-m", "scripts.bench_notebook", "prepare"], log_file=work / "prepare.log")
-    prompts, longest_prompt = render_prompts(model["model_dir"], rows)
+    model = run_json(
+        [
+            python(),
+            "-m",
+            "scripts.bench_notebook",
+            "prepare",
+            "--candidate",
+            json.dumps(CANDIDATES[0]),
+            "--rows",
+            str(PROMPTS_FILE),
+        ],
+        log_file=work / "prepare.log",
+    )
+    # Every candidate shares the template, so these are the prompts each of them sees.
+    prompts = model.pop("prompts")
     machine = measure_machine()
     from services.worker.generation import rows_per_batch
     from shared.settings import Settings
@@ -573,7 +565,7 @@ def main() -> None:
     batch = rows_per_batch(
         rows=len(rows),
         batch_size=settings.generation_batch_size,
-        longest_tokens=longest_prompt + 1 + MAX_NEW_TOKENS,
+        longest_tokens=model["longest_prompt_tokens"] + 1 + MAX_NEW_TOKENS,
         bytes_per_token=model["kv_cache_bytes_per_token"],
         budget_bytes=settings.kv_cache_budget_bytes,
     )

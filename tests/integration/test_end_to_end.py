@@ -102,6 +102,11 @@ TINY_METRICS = [
 ]
 
 
+def run_to_end(client: ComparisonClient, spec: dict[str, Any]) -> dict[str, Any]:
+    """Submit over HTTP and wait for the comparison's final state."""
+    return client.wait(client.submit(spec)["id"], timeout=300, poll_s=0.3)
+
+
 def tiny_spec(tiny_models: dict[str, Path], **overrides: Any) -> dict[str, Any]:
     spec = {
         "name": "tiny-causal-vs-t5",
@@ -282,7 +287,7 @@ def test_custom_metrics_published_by_workers_are_selectable(client, stack, tiny_
         name="custom-metrics",
         metrics=["output_words", "starts_with_capital", "answer_length_ratio"],
     )
-    final = client.wait(client.submit(spec)["id"], timeout=300, poll_s=0.3)
+    final = run_to_end(client, spec)
     assert final["status"] == "succeeded", final
     results = client.results(final["id"])
     for row in results["rows"]:
@@ -312,7 +317,7 @@ def test_llm_judge_scores_and_pairwise_ranking(client, mlflow_client, tiny_model
         judge_rubric="Give 5 when the answer names the reference, else 1.",
         pairwise_judge=True,
     )
-    final = client.wait(client.submit(spec)["id"], timeout=300, poll_s=0.3)
+    final = run_to_end(client, spec)
     assert final["status"] == "succeeded", final
     results = client.results(final["id"])
     for row in results["rows"]:
@@ -339,9 +344,9 @@ def test_llm_judge_scores_and_pairwise_ranking(client, mlflow_client, tiny_model
 
 def test_response_cache_reuses_outputs_unless_told_not_to(client, mlflow_client, tiny_models):
     spec = tiny_spec(tiny_models, name="cached", metrics=["output_words"])
-    first = client.wait(client.submit(spec)["id"], timeout=300, poll_s=0.3)
-    again = client.wait(client.submit(spec)["id"], timeout=300, poll_s=0.3)
-    fresh = client.wait(client.submit({**spec, "cache": False})["id"], timeout=300, poll_s=0.3)
+    first = run_to_end(client, spec)
+    again = run_to_end(client, spec)
+    fresh = run_to_end(client, {**spec, "cache": False})
     assert [c["progress"]["cache_hits"] for c in again["candidates"]] == [len(ROWS), len(ROWS)]
     assert [c["progress"]["cache_hits"] for c in fresh["candidates"]] == [0, 0]
     # Generating again (greedy) gives the same outputs the cache served.
