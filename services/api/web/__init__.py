@@ -1,0 +1,1 @@
+"""Server-rendered web pages for people: list, new comparison, comparison, arena."""
