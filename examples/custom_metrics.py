@@ -12,6 +12,11 @@ or declare it as an entry point of your own package (pyproject.toml):
 A module exposes METRICS, a list of CustomMetric. Each function receives one row at a time:
 the output, the row's reference (None when the row has none) and the whole dataset row, and
 returns a number, or None to leave the row unscored.
+
+Declare what a score can be, so that aggregates get an interval that fits it: scale="binary"
+for 0/1 scores (a Wilson interval), scale="bounded" with min_value and max_value for scores in a
+fixed range, or the default "unbounded" (optionally with a one-sided min_value or max_value). A
+score outside the declared scale fails the candidate with a message naming the row.
 """
 
 from __future__ import annotations
@@ -39,11 +44,13 @@ METRICS = [
         greater_is_better=False,
         needs_reference=True,
         fn=_answer_length_ratio,
+        min_value=0.0,  # a ratio of word counts: never negative, no upper limit
     ),
     CustomMetric(
         name="starts_with_capital",
         description="1 when the output starts with an upper-case letter, else 0.",
         greater_is_better=True,
         fn=_starts_with_capital,
+        scale="binary",
     ),
 ]

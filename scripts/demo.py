@@ -66,6 +66,17 @@ def print_table(results: dict[str, Any]) -> None:
         print(rule)
 
 
+def metric_cell(value: float, agg: dict[str, Any]) -> str:
+    """``mean [95% interval]``; a binary metric (Wilson interval) as rows scoring 1 of n."""
+    n = int(agg.get("n") or 0)
+    if n <= 1 or "ci_low" not in agg:
+        return f"{value:.3g}"
+    interval = f"[{agg['ci_low']:.3g}, {agg['ci_high']:.3g}]"
+    if agg.get("ci_method") == "wilson":
+        return f"{round(agg['mean'] * n)}/{n} = {agg['mean']:.3g} {interval}"
+    return f"{agg['mean']:.3g} {interval}"
+
+
 def print_metrics(state: dict[str, Any]) -> None:
     """One line per metric, a column per candidate: mean [95% interval]."""
     labels = [c["label"] for c in state["candidates"]]
@@ -75,20 +86,21 @@ def print_metrics(state: dict[str, Any]) -> None:
     for name in names:
         cells = []
         for c in state["candidates"]:
-            agg = c.get("aggregates", {}).get(name, {})
             if name not in c["metrics"]:
                 cells.append(f" {'—':>{width}}")
-            elif agg.get("n", 0) > 1:
-                cells.append(
-                    " " + f"{agg['mean']:.3g} [{agg['ci_low']:.3g}, {agg['ci_high']:.3g}]".rjust(width)
-                )
             else:
-                cells.append(" " + f"{c['metrics'][name]:.3g}".rjust(width))
+                agg = c.get("aggregates", {}).get(name, {})
+                cells.append(" " + metric_cell(c["metrics"][name], agg).rjust(width))
         print(f"{name:<22}" + "".join(cells))
+    print(
+        "Mean [95% interval]: Wilson score interval for 0/1 metrics (rows scoring 1 of n), "
+        "else a seeded percentile bootstrap of the mean (2,000 resamples)."
+    )
     for c in state["candidates"]:
         if c.get("error"):
             print(f"  {c['label']} failed: {c['error']}")
-    decided = [p for p in state.get("pairwise", []) if p["better"]]
+    pairs = state.get("pairwise", [])
+    decided = [p for p in pairs if p["better"]]
     print()
     if decided:
         print("Paired verdicts (95% paired-bootstrap interval, permutation p-value):")
@@ -96,6 +108,12 @@ def print_metrics(state: dict[str, Any]) -> None:
             print(f"  {pair['verdict']}")
     else:
         print("No metric separates the candidates beyond noise on these rows (paired tests, 5% level).")
+    # The test could not judge these at all, as opposed to finding no clear difference.
+    unjudged = [p for p in pairs if p.get("note")]
+    if unjudged:
+        print("Not judged:")
+        for pair in unjudged:
+            print(f"  {pair['verdict']}")
 
 
 def main() -> int:

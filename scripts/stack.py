@@ -335,6 +335,7 @@ def main() -> None:
             workers=args.workers,
         )
         stack.start()
+        print(f"Web     {stack.api_url}/ui")
         print(f"API     {stack.api_url}  (docs: {stack.api_url}/docs)")
         print(f"MLflow  {stack.mlflow_url}")
         print(f"Redis   {stack.redis_url}")

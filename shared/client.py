@@ -1,15 +1,20 @@
-"""A small HTTP client for the llm-compare API, for scripts and other services.
+"""A small HTTP client for the llm-compare API, for scripts, other services and the
+``llm-compare`` command.
 
 client = ComparisonClient("http://127.0.0.1:8000")
 created = client.submit(spec)
 final = client.wait(created["id"], on_update=print)
 table = client.results(created["id"])
+
+for event, data in client.events(created["id"]):  # Server-Sent Events, as the state changes
+    ...
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import httpx
@@ -28,9 +33,39 @@ class ApiError(RuntimeError):
         super().__init__(f"HTTP {response.status_code}: {message}")
 
 
+def parse_sse(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) for each event in a Server-Sent Events stream, given its lines without line
+    endings. Comments (the server's ``: keep-alive``) and events without data are skipped; ``id``
+    and ``retry`` are ignored, since callers fall back to polling instead of reconnecting."""
+    event = ""
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data:
+                yield event or "message", "\n".join(data)
+            event, data = "", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+
+
 class ComparisonClient:
     def __init__(self, base_url: str, *, timeout: float = 30.0):
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+
+    def __enter__(self) -> ComparisonClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _check(self, response: httpx.Response) -> httpx.Response:
         if response.status_code >= 400:
@@ -41,8 +76,6 @@ class ComparisonClient:
         return self._check(self.http.post("/v1/comparisons", json=spec)).json()
 
     def submit_file(self, spec: dict[str, Any], filename: str, content: bytes) -> dict[str, Any]:
-        import json
-
         files = {"file": (filename, content)}
         return self._check(
             self.http.post("/v1/comparisons", data={"spec": json.dumps(spec)}, files=files)
@@ -61,6 +94,28 @@ class ComparisonClient:
 
     def cancel(self, comparison_id: str) -> dict[str, Any]:
         return self._check(self.http.post(f"/v1/comparisons/{comparison_id}/cancel")).json()
+
+    def events(self, comparison_id: str, *, read_timeout: float = 60.0) -> Iterator[tuple[str, str]]:
+        """The comparison's Server-Sent Events as (event, data): ``comparison`` with the full state
+        JSON on connect and on every change, then ``end`` with the final state, after which the
+        server closes the stream. The server sends a comment at least every 15 s, so a read that
+        waits ``read_timeout`` seconds means the stream is dead (``httpx.ReadTimeout``)."""
+        with self.http.stream(
+            "GET",
+            f"/v1/comparisons/{comparison_id}/events",
+            headers={"Accept": "text/event-stream"},
+            timeout=httpx.Timeout(self.timeout, read=read_timeout),
+        ) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise ApiError(response)
+            yield from parse_sse(response.iter_lines())
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._check(self.http.get("/v1/models")).json()
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return self._check(self.http.get("/v1/metrics")).json()
 
     def list(self, *, status: str | None = None, limit: int = 20, offset: int = 0) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit, "offset": offset}

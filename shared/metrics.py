@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Literal
+
+Scale = Literal["binary", "bounded", "unbounded"]
+SCALES: tuple[str, ...] = ("binary", "bounded", "unbounded")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,33 @@ class MetricInfo:
     group: str = "text"
     # Loaded by workers from CUSTOM_METRIC_MODULES or the llm_compare.metrics entry points.
     custom: bool = False
+    # What one row's score can be, which decides how its interval is made: "binary" (0 or 1 per
+    # row; a Wilson score interval), "bounded" (within [min_value, max_value]) or "unbounded"
+    # (min_value / max_value, when set, bound it on one side only). Intervals never leave
+    # [min_value, max_value].
+    scale: Scale = "unbounded"
+    min_value: float | None = None
+    max_value: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            raise ValueError(
+                f"metric {self.name!r}: scale must be one of {', '.join(SCALES)}, not {self.scale!r}"
+            )
+        if self.scale == "binary":
+            if (self.min_value, self.max_value) not in ((None, None), (0, 1)):
+                raise ValueError(f"metric {self.name!r}: a binary metric scores 0 or 1; leave min/max unset")
+            # Frozen: set the implied range the way dataclasses set fields.
+            object.__setattr__(self, "min_value", 0.0)
+            object.__setattr__(self, "max_value", 1.0)
+        if self.scale == "bounded" and (self.min_value is None or self.max_value is None):
+            raise ValueError(f"metric {self.name!r}: a bounded metric needs min_value and max_value")
+        if self.min_value is not None and self.max_value is not None and self.min_value >= self.max_value:
+            raise ValueError(f"metric {self.name!r}: min_value must be below max_value")
+
+    @property
+    def binary(self) -> bool:
+        return self.scale == "binary"
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -45,6 +75,7 @@ METRICS: dict[str, MetricInfo] = {
             needs_reference=True,
             default=True,
             group="reference",
+            scale="binary",
         ),
         MetricInfo(
             "contains_reference",
@@ -53,6 +84,7 @@ METRICS: dict[str, MetricInfo] = {
             needs_reference=True,
             default=True,
             group="reference",
+            scale="binary",
         ),
         MetricInfo(
             "token_f1",
@@ -61,6 +93,9 @@ METRICS: dict[str, MetricInfo] = {
             needs_reference=True,
             default=True,
             group="reference",
+            scale="bounded",
+            min_value=0.0,
+            max_value=1.0,
         ),
         MetricInfo(
             "rouge1",
@@ -69,6 +104,9 @@ METRICS: dict[str, MetricInfo] = {
             needs_reference=True,
             default=True,
             group="reference",
+            scale="bounded",
+            min_value=0.0,
+            max_value=1.0,
         ),
         MetricInfo(
             "rouge2",
@@ -76,6 +114,9 @@ METRICS: dict[str, MetricInfo] = {
             greater_is_better=True,
             needs_reference=True,
             group="reference",
+            scale="bounded",
+            min_value=0.0,
+            max_value=1.0,
         ),
         MetricInfo(
             "rougeL",
@@ -84,6 +125,9 @@ METRICS: dict[str, MetricInfo] = {
             needs_reference=True,
             default=True,
             group="reference",
+            scale="bounded",
+            min_value=0.0,
+            max_value=1.0,
         ),
         MetricInfo(
             "bleu",
@@ -91,6 +135,9 @@ METRICS: dict[str, MetricInfo] = {
             greater_is_better=True,
             needs_reference=True,
             group="reference",
+            scale="bounded",
+            min_value=0.0,
+            max_value=100.0,
         ),
         MetricInfo(
             "chrf",
@@ -98,6 +145,9 @@ METRICS: dict[str, MetricInfo] = {
             greater_is_better=True,
             needs_reference=True,
             group="reference",
+            scale="bounded",
+            min_value=0.0,
+            max_value=100.0,
         ),
         MetricInfo(
             "semantic_similarity",
@@ -106,6 +156,9 @@ METRICS: dict[str, MetricInfo] = {
             needs_reference=True,
             default=True,
             group="reference",
+            scale="bounded",
+            min_value=-1.0,
+            max_value=1.0,
         ),
         # --- on the output alone
         MetricInfo(
@@ -115,6 +168,7 @@ METRICS: dict[str, MetricInfo] = {
             needs_tokenizer=True,
             default=True,
             group="length",
+            min_value=0.0,
         ),
         MetricInfo(
             "output_words",
@@ -122,21 +176,25 @@ METRICS: dict[str, MetricInfo] = {
             greater_is_better=False,
             default=True,
             group="length",
+            min_value=0.0,
         ),
         MetricInfo(
             "latency",
-            "Seconds of generation time per row (its share of the batch it ran in).",
+            "Seconds from the start of the row's generation batch until the row produced its last "
+            "token (its end-of-sequence token, or its last one at max_new_tokens or a stop string).",
             greater_is_better=False,
             default=True,
             group="speed",
+            min_value=0.0,
         ),
         MetricInfo(
             "tokens_per_second",
-            "Generated tokens per second of generation time, per row.",
+            "The row's generated tokens per second of its own latency.",
             greater_is_better=True,
             needs_tokenizer=True,
             default=True,
             group="speed",
+            min_value=0.0,
         ),
         MetricInfo(
             "flesch_kincaid_grade",
@@ -158,12 +216,18 @@ METRICS: dict[str, MetricInfo] = {
             greater_is_better=False,
             default=True,
             group="quality",
+            scale="bounded",
+            min_value=0.0,
+            max_value=1.0,
         ),
         MetricInfo(
             "distinct_2",
             "Unique word bigrams over all word bigrams in the output (1 = no bigram repeated).",
             greater_is_better=True,
             group="quality",
+            scale="bounded",
+            min_value=0.0,
+            max_value=1.0,
         ),
         MetricInfo(
             "empty_output",
@@ -171,6 +235,7 @@ METRICS: dict[str, MetricInfo] = {
             greater_is_better=False,
             default=True,
             group="quality",
+            scale="binary",
         ),
         MetricInfo(
             "refusal",
@@ -178,6 +243,7 @@ METRICS: dict[str, MetricInfo] = {
             greater_is_better=False,
             default=True,
             group="quality",
+            scale="binary",
         ),
         MetricInfo(
             "json_valid",
@@ -185,6 +251,7 @@ METRICS: dict[str, MetricInfo] = {
             "'JSON' in the input); other rows are not scored.",
             greater_is_better=True,
             group="format",
+            scale="binary",
         ),
         # --- by an LLM judge
         MetricInfo(
@@ -194,6 +261,9 @@ METRICS: dict[str, MetricInfo] = {
             needs_reference=True,
             needs_judge=True,
             group="judge",
+            scale="bounded",
+            min_value=1.0,
+            max_value=5.0,
         ),
         MetricInfo(
             "judge_helpfulness",
@@ -201,6 +271,9 @@ METRICS: dict[str, MetricInfo] = {
             greater_is_better=True,
             needs_judge=True,
             group="judge",
+            scale="bounded",
+            min_value=1.0,
+            max_value=5.0,
         ),
         MetricInfo(
             "judge_rubric",
@@ -209,6 +282,9 @@ METRICS: dict[str, MetricInfo] = {
             needs_judge=True,
             needs_option="judge_rubric",
             group="judge",
+            scale="bounded",
+            min_value=1.0,
+            max_value=5.0,
         ),
         MetricInfo(
             "regex_match",
@@ -216,6 +292,7 @@ METRICS: dict[str, MetricInfo] = {
             greater_is_better=True,
             needs_option="regex",
             group="format",
+            scale="binary",
         ),
     )
 }

@@ -17,9 +17,29 @@ def has_reference(row: dict[str, Any]) -> bool:
     return value is not None and str(value).strip() != ""
 
 
+def rating_summary(ratings: list[dict[str, Any]]) -> dict[tuple[int, str], dict[str, Any]]:
+    """People's ratings per output cell: thumbs counted, comments kept with who wrote them."""
+    cells: dict[tuple[int, str], dict[str, Any]] = {}
+    for entry in ratings:
+        cell = cells.setdefault(
+            (int(entry["row"]), str(entry["label"])), {"up": 0, "down": 0, "comments": []}
+        )
+        if entry.get("rating") in ("up", "down"):
+            cell[entry["rating"]] += 1
+        if entry.get("comment"):
+            cell["comments"].append(
+                {"rater": entry.get("rater"), "rating": entry.get("rating"), "comment": entry["comment"]}
+            )
+    return cells
+
+
 def side_by_side(
-    rows: list[dict[str, Any]], labels: list[str], outputs: dict[str, list[dict[str, Any]] | None]
+    rows: list[dict[str, Any]],
+    labels: list[str],
+    outputs: dict[str, list[dict[str, Any]] | None],
+    ratings: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
+    rated = rating_summary(ratings or [])
     table = []
     for index, row in enumerate(rows):
         reference = row.get("reference")
@@ -37,6 +57,10 @@ def side_by_side(
                     "output": produced[index]["output"],
                     "scores": produced[index].get("scores", {}),
                 }
+                if ratings is not None:
+                    per_candidate[label]["ratings"] = rated.get(
+                        (index, label), {"up": 0, "down": 0, "comments": []}
+                    )
             else:
                 per_candidate[label] = {"output": None, "scores": {}}
         entry["outputs"] = per_candidate

@@ -137,8 +137,12 @@ class CandidateStatus(BaseModel):
     status: CandidateState
     progress: Progress
     metrics: dict[str, float] = Field(default_factory=dict)
-    # Per metric: n (rows scored), mean, std, stderr, ci_low, ci_high (95% t-interval).
-    aggregates: dict[str, dict[str, float]] = Field(default_factory=dict)
+    # Per metric: n (rows scored), mean (for a binary 0/1 metric, the share of rows scoring 1),
+    # std (sample), stderr, and a 95% interval of the mean, ci_low..ci_high, made as ci_method
+    # says: "wilson" (Wilson score interval, binary metrics) or "bootstrap" (seeded percentile
+    # bootstrap of the mean, 2,000 resamples, every other metric). Either stays within the
+    # metric's min_value..max_value (GET /v1/metrics).
+    aggregates: dict[str, dict[str, float | str]] = Field(default_factory=dict)
     mlflow_run_id: str | None = None
     mlflow_run_url: str | None = None
     error: str | None = None
@@ -173,6 +177,12 @@ class PairwiseComparison(BaseModel):
     losses: int
     better: str | None = Field(description="The significantly better candidate at 5%, else null")
     verdict: str
+    note: Literal["constant_difference"] | None = Field(
+        None,
+        description="Why no verdict could be given: constant_difference when a and b differ by the "
+        "same amount on every row, so the metric does not vary by row (a binary metric won on every "
+        "row is judged). Null when the test judged; better null then means no clear difference.",
+    )
 
 
 class RankedCandidate(BaseModel):
@@ -227,9 +237,22 @@ class ErrorRead(BaseModel):
     fields: list[FieldErrorRead] = Field(default_factory=list)
 
 
+class CellComment(BaseModel):
+    rater: str | None = None
+    rating: Literal["up", "down"] | None = None
+    comment: str
+
+
+class CellRatings(BaseModel):
+    up: int = Field(0, description="Thumbs up given to this output")
+    down: int = Field(0, description="Thumbs down given to this output")
+    comments: list[CellComment] = Field(default_factory=list)
+
+
 class CandidateOutput(BaseModel):
     output: str | None
     scores: dict[str, float | None] = Field(default_factory=dict)
+    ratings: CellRatings = Field(default_factory=CellRatings, description="People's ratings of this output")
 
 
 class ResultRow(BaseModel):
@@ -268,8 +291,123 @@ class MetricRead(BaseModel):
     offline: bool
     default: bool
     custom: bool
+    scale: Literal["binary", "bounded", "unbounded"] = Field(
+        description="binary: every row scores 0 or 1; bounded: within min_value..max_value; "
+        "unbounded: no fixed range (min_value or max_value may bound one side)"
+    )
+    min_value: float | None = Field(description="Lowest score a row can get, when there is one")
+    max_value: float | None = Field(description="Highest score a row can get, when there is one")
 
 
 def template_fields(template: str) -> set[str]:
     """Placeholders named in a prompt template (``{input}``, ``{context}``...)."""
     return set(re.findall(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})", template))
+
+
+# ------------------------------------------------------------------------- human evaluation
+VoteWinner = Literal["a", "b", "tie", "both_bad"]
+PersonName = Annotated[str, Field(max_length=100)]
+
+
+class VoteCreate(BaseModel):
+    """A pairwise vote: either on a row and two labels, or on a blind matchup the server issued."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    row: int | None = Field(
+        None, strict=True, description="0-based dataset row; leave out when voting on a matchup"
+    )
+    a: str | None = Field(None, description="Label of one candidate; leave out when voting on a matchup")
+    b: str | None = Field(None, description="Label of the other candidate; leave out with a matchup")
+    matchup: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="Id from POST .../arena/matchups; the server fills in row, a and b",
+    )
+    winner: VoteWinner = Field(description="a, b, tie, or both_bad (counted as a tie)")
+    voter: PersonName | None = None
+
+
+class VoteRead(BaseModel):
+    id: str
+    row: int
+    a: str
+    b: str
+    winner: VoteWinner
+    voter: str | None = None
+    matchup: str | None = Field(None, description="The matchup voted on, if the vote was blind")
+    created_at: datetime
+
+
+class ArenaRank(BaseModel):
+    label: str
+    rank: int = Field(description="1 is best; equal scores share a rank")
+    score: float = Field(description="Elo-like: 1000 + 400*log10(strength / geometric mean of strengths)")
+    ci_low: float | None = Field(description="95% percentile-bootstrap interval of score; null without votes")
+    ci_high: float | None
+    wins: int
+    losses: int
+    ties: int = Field(description="Votes of tie or both_bad")
+    votes: int
+
+
+class AgreementRate(BaseModel):
+    agree: int
+    compared: int = Field(description="Votes compared (a verdict or both scores present for that row)")
+    rate: float | None = Field(description="agree / compared; null when nothing was compared")
+
+
+class Agreement(BaseModel):
+    judge: AgreementRate | None = Field(
+        description="With the judge's row-by-row verdicts; null when the comparison has none"
+    )
+    metrics: dict[str, AgreementRate] = Field(
+        default_factory=dict, description="With each metric's per-row winner, by its direction"
+    )
+
+
+class VotesRead(BaseModel):
+    votes: list[VoteRead]
+    ranking: list[ArenaRank]
+    agreement: Agreement
+    method: str = Field(description="How the ranking and its intervals were computed")
+
+
+class MatchupCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    voter: PersonName | None = None
+
+
+class MatchupRead(BaseModel):
+    matchup: str = Field(description="Vote on it once with POST .../votes {'matchup': ..., 'winner': ...}")
+    row: int
+    input: str
+    reference: str | None = None
+    outputs: dict[str, str] = Field(description="'a' and 'b': two candidates' outputs, labels hidden")
+
+
+class RatingCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    row: int = Field(strict=True, description="0-based dataset row")
+    label: str
+    rating: Literal["up", "down"] | None = Field(
+        None, description="Null with no comment removes this rater's rating of the cell"
+    )
+    comment: str | None = Field(None, max_length=2000)
+    rater: PersonName | None = None
+
+
+class RatingRead(BaseModel):
+    row: int
+    label: str
+    rating: Literal["up", "down"] | None
+    comment: str | None = None
+    rater: str | None = None
+    updated_at: datetime
+
+
+class RatingsRead(BaseModel):
+    ratings: list[RatingRead]

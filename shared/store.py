@@ -7,6 +7,10 @@ Layout (``P`` is the key prefix):
   P:cmp:{id}:out:{label}     JSON list of {"output", "scores"} per row, written when a candidate ends
   P:cmp:{id}:ended           set of labels whose task has ended (any final state)
   P:cmp:{id}:tasks           hash label -> Celery task id (for revoke on cancel)
+  P:cmp:{id}:votes           list of JSON pairwise votes, oldest first
+  P:cmp:{id}:ratings         hash JSON [row, label, rater] -> JSON rating of one output cell
+  P:cmp:{id}:matchup:{mid}   hash: data (JSON row, a, b, voter), used (set by the vote); a day's TTL
+  P:cmp:{id}:feedback_log    flag: logging votes and ratings to MLflow is already queued
   P:cmps                     sorted set id -> created_at (newest-first listing)
 
 Every status change goes through a compare-and-set script so that, for example, a worker that
@@ -43,6 +47,18 @@ end
 return 0
 """
 
+# KEYS[1] matchup hash, ARGV[1] when it was used. Returns nil for an unknown or expired matchup,
+# else {data, 1 if this call is the first to use it}.
+_TAKE_MATCHUP_SCRIPT = """
+local data = redis.call('HGET', KEYS[1], 'data')
+if not data then return nil end
+return {data, redis.call('HSETNX', KEYS[1], 'used', ARGV[1])}
+"""
+
+MATCHUP_TTL_S = 24 * 3600
+# Long enough for a queued log task to run; short enough that a lost one blocks nothing for long.
+FEEDBACK_LOG_FLAG_TTL_S = 600
+
 
 def utcnow() -> str:
     return datetime.now(UTC).isoformat()
@@ -59,6 +75,7 @@ class ComparisonStore:
         self.prefix = prefix
         self.ttl_s = ttl_s
         self._cas = self.r.register_script(_CAS_SCRIPT)
+        self._take_matchup = self.r.register_script(_TAKE_MATCHUP_SCRIPT)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "llmc", ttl_s: int | None = None) -> ComparisonStore:
@@ -262,6 +279,69 @@ class ComparisonStore:
             pipe.expire(key, self.ttl_s)
         added, count, *_ = pipe.execute()
         return bool(added), int(count)
+
+    # ---- human evaluation
+    def add_vote(self, comparison_id: str, vote: dict[str, Any]) -> int:
+        """Append a vote; returns how many votes the comparison has now."""
+        key = self._key(comparison_id, "votes")
+        pipe = self.r.pipeline(transaction=True)
+        pipe.rpush(key, json.dumps(vote))
+        if self.ttl_s:
+            pipe.expire(key, self.ttl_s)
+        count, *_ = pipe.execute()
+        return int(count)
+
+    def votes(self, comparison_id: str) -> list[dict[str, Any]]:
+        # One parse of the whole list: at thousands of votes, half the time of one parse per vote.
+        return json.loads("[" + ",".join(self.r.lrange(self._key(comparison_id, "votes"), 0, -1)) + "]")
+
+    def set_rating(self, comparison_id: str, rating: dict[str, Any]) -> None:
+        """Store one rater's rating of one output cell (row, label), replacing their earlier one.
+        An entry with neither a rating nor a comment removes it."""
+        key = self._key(comparison_id, "ratings")
+        field = json.dumps([rating["row"], rating["label"], rating.get("rater")])
+        if rating.get("rating") is None and not rating.get("comment"):
+            self.r.hdel(key, field)
+            return
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(key, field, json.dumps(rating))
+        if self.ttl_s:
+            pipe.expire(key, self.ttl_s)
+        pipe.execute()
+
+    def ratings(self, comparison_id: str) -> list[dict[str, Any]]:
+        """Every rating, ordered by row, then label, then rater."""
+        entries = [json.loads(raw) for raw in self.r.hvals(self._key(comparison_id, "ratings"))]
+        return sorted(entries, key=lambda e: (e["row"], e["label"], e.get("rater") or ""))
+
+    def save_matchup(
+        self, comparison_id: str, matchup_id: str, matchup: dict[str, Any], *, ttl_s: int = MATCHUP_TTL_S
+    ) -> None:
+        key = self._key(comparison_id, "matchup", matchup_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(key, "data", json.dumps(matchup))
+        pipe.expire(key, ttl_s)
+        pipe.execute()
+
+    def take_matchup(self, comparison_id: str, matchup_id: str) -> tuple[dict[str, Any], bool] | None:
+        """Read a matchup and mark it used, atomically, so that one matchup yields one vote.
+
+        Returns None when it is unknown or expired, else (matchup, True for the first taker only).
+        """
+        taken = self._take_matchup(keys=[self._key(comparison_id, "matchup", matchup_id)], args=[utcnow()])
+        if taken is None:
+            return None
+        data, first = taken
+        return json.loads(data), bool(int(first))
+
+    def claim_feedback_log(self, comparison_id: str) -> bool:
+        """True when no MLflow logging of votes and ratings is queued yet (the caller queues it)."""
+        key = self._key(comparison_id, "feedback_log")
+        return bool(self.r.set(key, "1", nx=True, ex=FEEDBACK_LOG_FLAG_TTL_S))
+
+    def release_feedback_log(self, comparison_id: str) -> None:
+        """Called by the log task before it reads, so a vote arriving meanwhile queues another."""
+        self.r.delete(self._key(comparison_id, "feedback_log"))
 
     def ping(self) -> bool:
         return bool(self.r.ping())

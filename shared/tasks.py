@@ -3,3 +3,4 @@
 START_COMPARISON = "comparison.start"
 RUN_CANDIDATE = "comparison.run_candidate"
 FINALIZE_COMPARISON = "comparison.finalize"
+LOG_FEEDBACK = "comparison.log_feedback"

@@ -372,3 +372,12 @@ def test_docker_compose_accepts_the_file() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_api_image_serves_the_pages(services: dict[str, Any]) -> None:
+    copies = instruction_args(dockerfile_of(services["api"]), "COPY")
+    # Templates and static files live in the services package; the form opens with the demo.
+    assert any(args.startswith("services ") for args in copies)
+    assert any(args.startswith("demo ") for args in copies)
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "demo" not in ignored and not any(p.startswith("services") for p in ignored)

@@ -6,7 +6,7 @@ Every error body has the same shape, so clients can show it without guessing:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +81,7 @@ def format_loc(loc: Sequence[Any]) -> str:
     return text or "body"
 
 
-def _validation_message(error: dict[str, Any]) -> str:
+def _validation_message(error: Mapping[str, Any]) -> str:
     message = str(error.get("msg", "invalid value"))
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
@@ -92,7 +92,7 @@ def _validation_message(error: dict[str, Any]) -> str:
     return message
 
 
-def problems_from_errors(errors: Sequence[dict[str, Any]]) -> list[FieldProblem]:
+def problems_from_errors(errors: Sequence[Mapping[str, Any]]) -> list[FieldProblem]:
     return [FieldProblem(format_loc(e.get("loc", ())), _validation_message(e)) for e in errors]
 
 

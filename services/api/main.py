@@ -8,12 +8,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.api.errors import PayloadTooLarge, install_error_handlers
 from services.api.queue import Publisher
-from services.api.routes import catalog, comparisons, health
+from services.api.routes import catalog, comparisons, feedback, health
+from services.api.web import routes as web
 from shared.schemas import ComparisonCreate
 from shared.settings import Settings, get_settings
 from shared.store import ComparisonStore
@@ -76,6 +78,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(catalog.router)
     app.include_router(comparisons.router)
+    app.include_router(feedback.router)
+    # The web pages: same process, same origin, no second server.
+    app.include_router(web.router)
+    app.mount("/ui/static", StaticFiles(directory=web.STATIC), name="static")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     _document_submission_schema(app)
     return app

@@ -9,7 +9,7 @@ from kombu.exceptions import OperationalError
 
 from shared.celery_config import celery_config
 from shared.settings import Settings
-from shared.tasks import START_COMPARISON
+from shared.tasks import LOG_FEEDBACK, START_COMPARISON
 
 # Fail fast when the broker is down: the client gets a 503 instead of a request that hangs.
 _PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
@@ -29,6 +29,20 @@ class Publisher:
         try:
             result = self.app.send_task(
                 START_COMPARISON,
+                kwargs={"comparison_id": comparison_id},
+                queue=self.settings.queue_name,
+                retry=True,
+                retry_policy=_PUBLISH_RETRY,
+            )
+        except (OperationalError, ConnectionError, OSError) as exc:
+            raise QueueUnavailable(str(exc)) from exc
+        return result.id
+
+    def log_feedback(self, comparison_id: str) -> str:
+        """Queue logging the comparison's votes and ratings to its MLflow parent run."""
+        try:
+            result = self.app.send_task(
+                LOG_FEEDBACK,
                 kwargs={"comparison_id": comparison_id},
                 queue=self.settings.queue_name,
                 retry=True,

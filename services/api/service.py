@@ -171,7 +171,10 @@ def comparison_results(*, comparison_id: str, store: ComparisonStore) -> Compari
     record = _load(store, comparison_id)
     labels = [c["label"] for c in record["spec"]["candidates"]]
     table = side_by_side(
-        store.rows(comparison_id), labels, {label: store.outputs(comparison_id, label) for label in labels}
+        store.rows(comparison_id),
+        labels,
+        {label: store.outputs(comparison_id, label) for label in labels},
+        ratings=store.ratings(comparison_id),
     )
     return ComparisonResults(
         id=comparison_id,
@@ -182,7 +185,8 @@ def comparison_results(*, comparison_id: str, store: ComparisonStore) -> Compari
 
 
 def results_csv(results: ComparisonResults) -> str:
-    """One CSV row per dataset row: input, reference, extra columns, then a column per candidate."""
+    """One CSV row per dataset row: input, reference, extra columns, then per candidate its output,
+    its scores and people's ratings (thumbs up, thumbs down, comments as "rater: text" lines)."""
     extra_columns: list[str] = []
     for row in results.rows:
         for key in row.model_extra or {}:
@@ -198,6 +202,7 @@ def results_csv(results: ComparisonResults) -> str:
     for label in results.candidates:
         header.append(label)
         header += [f"{label}/{metric}" for metric in score_names[label]]
+        header += [f"{label}/thumbs_up", f"{label}/thumbs_down", f"{label}/comments"]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
@@ -213,6 +218,11 @@ def results_csv(results: ComparisonResults) -> str:
             out = row.outputs[label]
             line.append(out.output if out.output is not None else "")
             line += [_blank_none(out.scores.get(metric)) for metric in score_names[label]]
+            line += [
+                out.ratings.up,
+                out.ratings.down,
+                "\n".join(f"{c.rater or 'anonymous'}: {c.comment}" for c in out.ratings.comments),
+            ]
         writer.writerow(line)
     return buffer.getvalue()
 

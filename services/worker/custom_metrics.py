@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -19,7 +20,7 @@ import structlog
 from mlflow.metrics import MetricValue, make_metric
 from mlflow.models import EvaluationMetric
 
-from shared.metrics import METRICS, MetricInfo
+from shared.metrics import METRICS, MetricInfo, Scale
 from shared.settings import Settings
 
 log = structlog.get_logger()
@@ -35,6 +36,16 @@ class CustomMetric:
     greater_is_better: bool
     fn: RowFn
     needs_reference: bool = False
+    # "binary" (fn returns 0 or 1), "bounded" (within [min_value, max_value]) or "unbounded";
+    # see shared.metrics.MetricInfo. Aggregate intervals follow it.
+    scale: Scale = "unbounded"
+    min_value: float | None = None
+    max_value: float | None = None
+
+    def __post_init__(self) -> None:
+        # Building the registry entry checks the scale: an inconsistent one fails when the
+        # module is imported at worker start, not in the middle of a comparison.
+        _ = self.info
 
     @property
     def info(self) -> MetricInfo:
@@ -45,10 +56,15 @@ class CustomMetric:
             needs_reference=self.needs_reference,
             group="custom",
             custom=True,
+            scale=self.scale,
+            min_value=self.min_value,
+            max_value=self.max_value,
         )
 
     def to_mlflow(self, rows: list[dict[str, Any]]) -> EvaluationMetric:
-        from services.worker.stats import aggregate
+        from services.worker.stats import aggregate, aggregate_numbers
+
+        info = self.info
 
         def eval_fn(predictions: pd.Series, row_index: pd.Series) -> MetricValue:
             scores = []
@@ -56,14 +72,31 @@ class CustomMetric:
                 row = rows[int(index)]
                 reference = row.get("reference")
                 value = self.fn(str(output), None if reference is None else str(reference), row)
-                scores.append(None if value is None else float(value))
-            summary = aggregate(scores)
+                scores.append(None if value is None else self._checked(float(value), int(index), info))
+            summary = aggregate(scores, info)
             return MetricValue(
                 scores=scores,  # type: ignore[arg-type]
-                aggregate_results={k: v for k, v in summary.items() if k != "n"},
+                aggregate_results=aggregate_numbers(summary),
             )
 
         return make_metric(eval_fn=eval_fn, greater_is_better=self.greater_is_better, name=self.name)
+
+    def _checked(self, value: float, row: int, info: MetricInfo) -> float:
+        """A score outside the declared scale would make the interval, clipped to that scale, a lie."""
+        if math.isnan(value):  # left unscored downstream
+            return value
+        if info.binary and value not in (0.0, 1.0):
+            raise ValueError(
+                f"custom metric {self.name!r} is binary but scored row {row} {value!r}, not 0 or 1"
+            )
+        if (info.min_value is not None and value < info.min_value) or (
+            info.max_value is not None and value > info.max_value
+        ):
+            raise ValueError(
+                f"custom metric {self.name!r} scored row {row} {value!r}, outside its declared range "
+                f"[{info.min_value}, {info.max_value}]"
+            )
+        return value
 
 
 def _from_module(path: str) -> list[CustomMetric]:

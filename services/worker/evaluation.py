@@ -13,6 +13,7 @@ from services.worker.custom_metrics import CustomMetric
 from services.worker.generation import Generated
 from services.worker.metrics import build_metrics, model_type_builtins
 from services.worker.stats import aggregate
+from shared.metrics import METRICS, MetricInfo
 from shared.results import has_reference
 
 _ROW_COLUMNS_RESERVED = {
@@ -97,8 +98,10 @@ def evaluate_outputs(
             continue
         for i, value in enumerate(table[column].tolist()):
             row_scores[i][name] = _clean(value)
-    # One definition of mean, spread and interval for every metric, MLflow built-ins included.
-    aggregates = {name: aggregate([row.get(name) for row in row_scores]) for name in named}
+    # One definition of mean, spread and interval for every metric, MLflow built-ins included;
+    # the interval follows the metric's scale (built-ins outside the registry declare none).
+    info: dict[str, MetricInfo] = {**METRICS, **{name: metric.info for name, metric in custom.items()}}
+    aggregates = {name: aggregate([row.get(name) for row in row_scores], info.get(name)) for name in named}
     means = {name: agg["mean"] for name, agg in aggregates.items() if "mean" in agg}
     return {"metrics": means, "aggregates": aggregates, "row_scores": row_scores, "skipped_builtins": skipped}
 

@@ -59,6 +59,7 @@ def render_prompt(candidate: CandidateSpec, loaded: LoadedModel, row: dict[str, 
 class Generated:
     output: str
     output_tokens: int
+    # Seconds from the start of the row's batch until the row produced its last token.
     latency_s: float
 
 
@@ -219,7 +220,7 @@ def generate_outputs(
             )
         )
         try:
-            outputs, seconds = _generate_batch(
+            outputs, step_seconds = _generate_batch(
                 loaded, [prompts[i] for i in batch], kwargs, step_hook, eos_ids, step_every_s
             )
         except torch.OutOfMemoryError:
@@ -230,13 +231,18 @@ def generate_outputs(
             if loaded.device == "cuda":
                 torch.cuda.empty_cache()
             continue
-        per_row = seconds / len(batch)
         for index, token_ids in zip(batch, outputs, strict=True):
             ids = _strip_after_eos(token_ids, eos_ids, tokenizer.pad_token_id)
-            text = _cut_at_stop(
-                tokenizer.decode(ids, skip_special_tokens=True), candidate.generation.stop
-            ).strip()
-            results[index] = Generated(output=text, output_tokens=len(ids), latency_s=per_row)
+            decoded = tokenizer.decode(ids, skip_special_tokens=True)
+            text = _cut_at_stop(decoded, candidate.generation.stop)
+            steps = _last_token_step(
+                token_ids, kept=len(ids), eos_ids=eos_ids, stopped_by_string=text != decoded
+            )
+            results[index] = Generated(
+                output=text.strip(),
+                output_tokens=len(ids),
+                latency_s=step_seconds[min(steps, len(step_seconds)) - 1],
+            )
             tokens_done += len(ids)
         start += len(batch)
         done += len(batch)
@@ -281,6 +287,14 @@ def _eos_ids(loaded: LoadedModel) -> set[int]:
     return ids
 
 
+def _last_token_step(token_ids: list[int], *, kept: int, eos_ids: set[int], stopped_by_string: bool) -> int:
+    """The decoding step (1-based) at which a row produced its last token: its ``kept`` tokens,
+    plus the EOS right after them when it ended on one. A row a stop string ended gets padding
+    after its kept tokens, and that padding may carry the EOS id (pad == eos): not its token."""
+    ended_on_eos = kept < len(token_ids) and token_ids[kept] in eos_ids and not stopped_by_string
+    return max(1, kept + int(ended_on_eos))
+
+
 def _strip_after_eos(token_ids: list[int], eos_ids: set[int], pad_id: int | None) -> list[int]:
     kept = []
     for token in token_ids:
@@ -312,27 +326,66 @@ def _batch_progress(
 
 
 class StepProgress:
-    """A stopping criterion that never stops: after a decoding step, at most every ``every_s``,
-    it reports how many steps ran and how many tokens the batch's rows produced before their EOS."""
+    """A stopping criterion that never stops. After every decoding step it notes when the step
+    ended (a row's latency is the time of the step that produced its last token), and, when
+    given ``report``, at most every ``every_s`` it reports how many steps ran and how many tokens
+    the batch's rows produced before their EOS.
+
+    On CUDA the step's kernels may still be queued when this runs, so the time is a CUDA event
+    recorded on the stream (no synchronisation), read once the batch is done.
+    """
 
     def __init__(
-        self, report: Callable[[int, int], None], *, prompt_length: int, eos_ids: set[int], every_s: float
+        self,
+        report: Callable[[int, int], None] | None,
+        *,
+        prompt_length: int,
+        eos_ids: set[int],
+        every_s: float,
+        device: str = "cpu",
     ):
         self.report, self.prompt_length, self.every_s = report, prompt_length, every_s
         self.eos_ids = sorted(eos_ids)
-        self.last = time.perf_counter()
+        self.cuda = device == "cuda"
+        self.stamps: list[Any] = []
+        self.start()
+
+    def start(self) -> None:
+        """Mark the start of generate(); step times count from here."""
+        self.stamps.clear()
+        self.started = self.last = time.perf_counter()
+        if self.cuda:
+            import torch
+
+            self.start_event = torch.cuda.Event(enable_timing=True)
+            self.start_event.record()
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
         now = time.perf_counter()
-        if now - self.last >= self.every_s:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.stamps.append(event)
+        else:
+            self.stamps.append(now)
+        if self.report is not None and now - self.last >= self.every_s:
             self.last = now
             new = input_ids[:, self.prompt_length :]
             eos = torch.tensor(self.eos_ids, device=new.device)
             ended = torch.isin(new, eos).cumsum(dim=1) > 0
             self.report(new.shape[1], int((~ended).sum()))
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def step_seconds(self) -> list[float]:
+        """Seconds from start() to the end of each decoding step so far."""
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            return [self.start_event.elapsed_time(event) / 1000 for event in self.stamps]
+        return [stamp - self.started for stamp in self.stamps]
 
 
 def _generate_batch(
@@ -342,7 +395,9 @@ def _generate_batch(
     on_step: Callable[[int, int], None] | None = None,
     eos_ids: set[int] | None = None,
     step_every_s: float = 2.0,
-) -> tuple[list[list[int]], float]:
+) -> tuple[list[list[int]], list[float]]:
+    """The new token ids of each row, and the seconds from the start of generate() to the end
+    of each decoding step (step k produced every row's k-th new token)."""
     import torch
     from transformers import StoppingCriteriaList
 
@@ -352,23 +407,26 @@ def _generate_batch(
     add_special = loaded.is_seq2seq or not _starts_with_bos(tokenizer, prompts[0])
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special)
     encoded = {k: v.to(loaded.device) for k, v in encoded.items()}
-    if on_step is not None:
-        # Decoder ids: the prompt for causal models, the decoder start token for seq2seq ones.
-        hook = StepProgress(
-            on_step,
-            prompt_length=1 if loaded.is_seq2seq else encoded["input_ids"].shape[1],
-            eos_ids=eos_ids or set(),
-            every_s=step_every_s,
-        )
-        kwargs = {**kwargs, "stopping_criteria": StoppingCriteriaList([hook])}
-    started = time.perf_counter()
+    # Installed on every batch, progress or not: each row's latency comes from its step times.
+    # Decoder ids: the prompt for causal models, the decoder start token for seq2seq ones.
+    hook = StepProgress(
+        on_step,
+        prompt_length=1 if loaded.is_seq2seq else encoded["input_ids"].shape[1],
+        eos_ids=eos_ids or set(),
+        every_s=step_every_s,
+        device=loaded.device,
+    )
+    kwargs = {**kwargs, "stopping_criteria": StoppingCriteriaList([hook])}
+    hook.start()
     with torch.inference_mode():
         generated = loaded.model.generate(**encoded, **kwargs)
-    seconds = time.perf_counter() - started
+    step_seconds = hook.step_seconds()
+    if not step_seconds:  # a model whose generate() skips stopping criteria: one batch-wide time
+        step_seconds = [time.perf_counter() - hook.started]
     # Causal models echo the prompt; seq2seq outputs start with the decoder start token.
     cut = 1 if loaded.is_seq2seq else encoded["input_ids"].shape[1]
     generated = generated[:, cut:]
-    return generated.tolist(), seconds
+    return generated.tolist(), step_seconds
 
 
 def _starts_with_bos(tokenizer: Any, prompt: str) -> bool:

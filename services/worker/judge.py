@@ -17,6 +17,9 @@ from typing import Any, Protocol
 
 import httpx
 
+# The fit lives in shared/ so the gateway ranks people's votes with the same code; re-exported
+# here for the pairwise judging that uses it.
+from shared.ranking import bradley_terry as bradley_terry
 from shared.settings import Settings
 
 Messages = list[dict[str, str]]
@@ -251,40 +254,3 @@ def judge_pairs(
         winner = first if first is not None and first == second else "tie"
         verdicts.append(PairVerdict(row=row, winner=winner, first_order=first, swapped_order=second))
     return verdicts
-
-
-def bradley_terry(
-    labels: Sequence[str], verdicts: Sequence[tuple[str, str, str]], iterations: int = 200
-) -> dict[str, float]:
-    """Bradley-Terry strengths from (a, b, winner) verdicts, ties counting half a win each way.
-
-    Fitted with the classic minorisation-maximisation updates; strengths are normalised to sum to
-    the number of candidates, so 1.0 is average. A small prior (one tie against every other
-    candidate) keeps strengths finite when a candidate wins or loses everything.
-    """
-    index = {label: i for i, label in enumerate(labels)}
-    n = len(labels)
-    wins = [[0.0] * n for _ in range(n)]
-    for x, y in ((i, j) for i in range(n) for j in range(n) if i != j):
-        wins[x][y] += 0.5 / max(1, n - 1)
-    for a, b, winner in verdicts:
-        i, j = index[a], index[b]
-        if winner == a:
-            wins[i][j] += 1
-        elif winner == b:
-            wins[j][i] += 1
-        else:
-            wins[i][j] += 0.5
-            wins[j][i] += 0.5
-    strength = [1.0] * n
-    for _ in range(iterations):
-        updated = []
-        for i in range(n):
-            total_wins = sum(wins[i])
-            denominator = sum(
-                (wins[i][j] + wins[j][i]) / (strength[i] + strength[j]) for j in range(n) if j != i
-            )
-            updated.append(total_wins / denominator if denominator else strength[i])
-        scale = n / sum(updated)
-        strength = [s * scale for s in updated]
-    return {label: strength[index[label]] for label in labels}

@@ -25,48 +25,52 @@ from mlflow.models import EvaluationMetric
 
 from services.worker import text_metrics as tm
 from services.worker.judge import RUBRICS
-from services.worker.stats import aggregate
+from services.worker.stats import aggregate, aggregate_numbers
+from shared.metrics import METRICS
 
 # Re-exported: the normalisation is part of what exact_match means.
 normalize_answer = tm.normalize_answer
 
 
-def _result(scores: Sequence[float | None]) -> MetricValue:
-    summary = aggregate(scores)
-    aggregates = {k: v for k, v in summary.items() if k in ("mean", "std", "stderr", "ci_low", "ci_high")}
-    return MetricValue(scores=list(scores), aggregate_results=aggregates)  # type: ignore[arg-type]
+def _result(name: str, scores: Sequence[float | None]) -> MetricValue:
+    """Per-row scores of registry metric ``name`` and their aggregate, whose interval depends
+    on the metric's scale (binary, bounded...)."""
+    summary = aggregate(scores, METRICS[name])
+    return MetricValue(scores=list(scores), aggregate_results=aggregate_numbers(summary))  # type: ignore[arg-type]
 
 
-def _per_row(fn: Callable[[str], float | None]) -> Callable[..., MetricValue]:
+def _per_row(name: str, fn: Callable[[str], float | None]) -> Callable[..., MetricValue]:
     def eval_fn(predictions: pd.Series) -> MetricValue:
-        return _result([fn(str(p)) for p in predictions])
+        return _result(name, [fn(str(p)) for p in predictions])
 
     return eval_fn
 
 
-def _against_reference(fn: Callable[[str, str], float]) -> Callable[..., MetricValue]:
+def _against_reference(name: str, fn: Callable[[str, str], float]) -> Callable[..., MetricValue]:
     def eval_fn(predictions: pd.Series, targets: pd.Series) -> MetricValue:
-        return _result([fn(str(p), str(t)) for p, t in zip(predictions, targets, strict=True)])
+        return _result(name, [fn(str(p), str(t)) for p, t in zip(predictions, targets, strict=True)])
 
     return eval_fn
 
 
 def _output_tokens(predictions: pd.Series, output_token_count: pd.Series) -> MetricValue:
-    return _result([float(n) for n in output_token_count])
+    return _result("output_tokens", [float(n) for n in output_token_count])
 
 
 def _latency(predictions: pd.Series, latency_s: pd.Series) -> MetricValue:
-    return _result([float(s) for s in latency_s])
+    return _result("latency", [float(s) for s in latency_s])
 
 
 def _tokens_per_second(
     predictions: pd.Series, output_token_count: pd.Series, latency_s: pd.Series
 ) -> MetricValue:
+    # Each row's own rate: its tokens over its own latency (see generation.py).
     return _result(
+        "tokens_per_second",
         [
             float(n) / float(s) if s and s > 0 else None
             for n, s in zip(output_token_count, latency_s, strict=True)
-        ]
+        ],
     )
 
 
@@ -75,10 +79,11 @@ def _json_valid(
 ) -> MetricValue:
     flags = list(expects_json) if expects_json is not None else [None] * len(predictions)
     return _result(
+        "json_valid",
         [
             tm.json_valid(str(p)) if tm.asks_for_json(str(i), f) else None
             for p, i, f in zip(predictions, inputs, flags, strict=True)
-        ]
+        ],
     )
 
 
@@ -93,7 +98,8 @@ def _rouge(kind: str) -> Callable[..., MetricValue]:
     def eval_fn(predictions: pd.Series, targets: pd.Series) -> MetricValue:
         scorer = _rouge_scorer()
         return _result(
-            [scorer.score(str(t), str(p))[kind].fmeasure for p, t in zip(predictions, targets, strict=True)]
+            kind,
+            [scorer.score(str(t), str(p))[kind].fmeasure for p, t in zip(predictions, targets, strict=True)],
         )
 
     return eval_fn
@@ -104,7 +110,8 @@ def _bleu(predictions: pd.Series, targets: pd.Series) -> MetricValue:
 
     bleu = BLEU(effective_order=True)
     return _result(
-        [bleu.sentence_score(str(p), [str(t)]).score for p, t in zip(predictions, targets, strict=True)]
+        "bleu",
+        [bleu.sentence_score(str(p), [str(t)]).score for p, t in zip(predictions, targets, strict=True)],
     )
 
 
@@ -113,7 +120,8 @@ def _chrf(predictions: pd.Series, targets: pd.Series) -> MetricValue:
 
     chrf = CHRF()
     return _result(
-        [chrf.sentence_score(str(p), [str(t)]).score for p, t in zip(predictions, targets, strict=True)]
+        "chrf",
+        [chrf.sentence_score(str(p), [str(t)]).score for p, t in zip(predictions, targets, strict=True)],
     )
 
 
@@ -195,12 +203,14 @@ def cosine_similarities(left: list[str], right: list[str]) -> list[float]:
 
 
 def _semantic_similarity(predictions: pd.Series, targets: pd.Series) -> MetricValue:
-    return _result(cosine_similarities([str(p) for p in predictions], [str(t) for t in targets]))
+    return _result(
+        "semantic_similarity", cosine_similarities([str(p) for p in predictions], [str(t) for t in targets])
+    )
 
 
 def _regex(pattern: str) -> Callable[..., MetricValue]:
     compiled = re.compile(pattern)
-    return _per_row(lambda text: tm.regex_match(text, compiled))
+    return _per_row("regex_match", lambda text: tm.regex_match(text, compiled))
 
 
 def _judge(
@@ -225,11 +235,11 @@ def _judge(
             answers=[str(p) for p in predictions],
             references=references,
         )
-        summary = aggregate(scores)
+        summary = aggregate(scores, METRICS[name])
         return MetricValue(
             scores=scores,  # type: ignore[arg-type]
             justifications=justifications,
-            aggregate_results={k: v for k, v in summary.items() if k != "n"},
+            aggregate_results=aggregate_numbers(summary),
         )
 
     return _make(name, eval_fn, True)
@@ -252,11 +262,11 @@ MetricFactory = Callable[[dict[str, Any]], EvaluationMetric]
 # MLflow treats a metric named "latency" specially (it times the model itself, or logs zeros
 # when only predictions are given), so ours is logged as "latency_seconds".
 METRIC_FACTORIES: dict[str, MetricFactory] = {
-    "exact_match": lambda o: _make("exact_match", _against_reference(tm.exact_match), True),
+    "exact_match": lambda o: _make("exact_match", _against_reference("exact_match", tm.exact_match), True),
     "contains_reference": lambda o: _make(
-        "contains_reference", _against_reference(tm.contains_reference), True
+        "contains_reference", _against_reference("contains_reference", tm.contains_reference), True
     ),
-    "token_f1": lambda o: _make("token_f1", _against_reference(tm.token_f1), True),
+    "token_f1": lambda o: _make("token_f1", _against_reference("token_f1", tm.token_f1), True),
     "rouge1": lambda o: _make("rouge1", _rouge("rouge1"), True),
     "rouge2": lambda o: _make("rouge2", _rouge("rouge2"), True),
     "rougeL": lambda o: _make("rougeL", _rouge("rougeL"), True),
@@ -264,15 +274,19 @@ METRIC_FACTORIES: dict[str, MetricFactory] = {
     "chrf": lambda o: _make("chrf", _chrf, True),
     "semantic_similarity": lambda o: _make("semantic_similarity", _semantic_similarity, True),
     "output_tokens": lambda o: _make("output_tokens", _output_tokens, False),
-    "output_words": lambda o: _make("output_words", _per_row(lambda p: float(len(p.split()))), False),
+    "output_words": lambda o: _make(
+        "output_words", _per_row("output_words", lambda p: float(len(p.split()))), False
+    ),
     "latency": lambda o: _make("latency_seconds", _latency, False),
     "tokens_per_second": lambda o: _make("tokens_per_second", _tokens_per_second, True),
-    "flesch_kincaid_grade": lambda o: _make("flesch_kincaid_grade", _per_row(tm.flesch_kincaid_grade), False),
+    "flesch_kincaid_grade": lambda o: _make(
+        "flesch_kincaid_grade", _per_row("flesch_kincaid_grade", tm.flesch_kincaid_grade), False
+    ),
     "ari_grade_level": lambda o: _ari(),
-    "repetition": lambda o: _make("repetition", _per_row(tm.repeated_ngram_ratio), False),
-    "distinct_2": lambda o: _make("distinct_2", _per_row(tm.distinct_n), True),
-    "empty_output": lambda o: _make("empty_output", _per_row(tm.is_empty), False),
-    "refusal": lambda o: _make("refusal", _per_row(tm.is_refusal), False),
+    "repetition": lambda o: _make("repetition", _per_row("repetition", tm.repeated_ngram_ratio), False),
+    "distinct_2": lambda o: _make("distinct_2", _per_row("distinct_2", tm.distinct_n), True),
+    "empty_output": lambda o: _make("empty_output", _per_row("empty_output", tm.is_empty), False),
+    "refusal": lambda o: _make("refusal", _per_row("refusal", tm.is_refusal), False),
     "json_valid": lambda o: _make("json_valid", _json_valid, True),
     "regex_match": lambda o: _make("regex_match", _regex(o["regex"]), True),
     "judge_correctness": lambda o: _judge(

@@ -422,6 +422,7 @@ def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
         rows=rows,
         candidates=candidates,
         outputs=outputs,
+        registry=ctx.metric_info(),
         pairwise=pairwise,
         judge_ranking=judge_ranking,
     )
@@ -481,6 +482,7 @@ def pairwise_statistics(
                     scores_a=[row["scores"].get(metric) for row in outputs[a] or []],
                     scores_b=[row["scores"].get(metric) for row in outputs[b] or []],
                     greater_is_better=info.greater_is_better,
+                    binary=info.binary,
                 )
                 if result is not None:
                     results.append(result.as_dict())

@@ -4,6 +4,7 @@ Re-running a comparison, or adding a candidate to one already run, generates onl
 The key covers the model as loaded (source and resolved revision or file hash), dtype, the
 generation settings, template, system prompt, the rendered prompt, and, when sampling, which
 occurrence of that prompt in the dataset the row is (so repeated prompts get their own samples).
+A cached row keeps the latency measured when it was generated.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from services.worker.generation import Generated
 from services.worker.models import LoadedModel
 from shared.schemas import CandidateSpec
 
-KEY_VERSION = 1
+# 2: latency_s is the row's own latency. Entries written before held their batch's average,
+# which would make the rows served from them look alike again; a new version leaves them unread.
+KEY_VERSION = 2
 
 
 def cache_keys(*, candidate: CandidateSpec, loaded: LoadedModel, prompts: list[str], chat: bool) -> list[str]:

@@ -12,28 +12,91 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats as scipy_stats
 
+from shared.metrics import MetricInfo
+
 BOOTSTRAP_RESAMPLES = 2000
 PERMUTATIONS = 10000
 EXACT_PERMUTATION_MAX_ROWS = 14  # 2**14 sign patterns: enumerate them instead of sampling
+# The numeric part of an aggregate, as logged to MLflow (``<metric>/ci_low``...).
+AGGREGATE_NUMBERS = ("mean", "std", "stderr", "ci_low", "ci_high")
+# pairwise note: every row differs by the same amount, so the metric does not vary by row.
+CONSTANT_DIFFERENCE = "constant_difference"
 
 
 def _clean(values: Sequence[float | None]) -> np.ndarray:
     return np.array([v for v in values if v is not None and not math.isnan(v)], dtype=float)
 
 
-def aggregate(values: Sequence[float | None]) -> dict[str, float]:
-    """Mean, standard deviation, standard error and a 95% t-interval over the scored rows."""
+def wilson_interval(successes: int, n: int, *, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion: stays inside [0, 1] and keeps its coverage at
+    0/n and n/n, where the normal (or t) interval around the mean collapses or spills over."""
+    z = float(scipy_stats.norm.ppf(1 - (1 - level) / 2))
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_mean_ci(
+    x: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean, resampling rows. Each resampled mean lies
+    between the smallest and largest value, so the interval never leaves the observed range."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(resamples, x.size))
+    means = x[idx].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def aggregate(
+    values: Sequence[float | None],
+    info: MetricInfo | None,
+    *,
+    seed: int = 0,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> dict[str, float | str]:
+    """n, mean, sample standard deviation, standard error and a 95% interval of the mean over
+    the scored rows, with ``ci_method`` naming how the interval was made: "wilson" for a binary
+    metric (every score 0 or 1), else "bootstrap" (seeded percentile bootstrap). The interval is
+    clipped to the metric's declared [min_value, max_value]; ``info`` None (an MLflow built-in
+    outside the registry) declares nothing."""
     x = _clean(values)
     n = int(x.size)
     if n == 0:
         return {"n": 0}
     mean = float(x.mean())
-    if n == 1:
-        return {"n": 1, "mean": mean, "std": 0.0, "stderr": 0.0, "ci_low": mean, "ci_high": mean}
-    std = float(x.std(ddof=1))
+    std = float(x.std(ddof=1)) if n > 1 else 0.0
     stderr = std / math.sqrt(n)
-    half = float(scipy_stats.t.ppf(0.975, df=n - 1)) * stderr
-    return {"n": n, "mean": mean, "std": std, "stderr": stderr, "ci_low": mean - half, "ci_high": mean + half}
+    if info is not None and info.binary and bool(np.all((x == 0) | (x == 1))):
+        method = "wilson"
+        low, high = wilson_interval(int(x.sum()), n)
+    else:
+        # A binary metric whose scores are not all 0/1 (a custom one that breaks its own
+        # declaration) is still summarised, by the method that assumes nothing.
+        method = "bootstrap"
+        low, high = bootstrap_mean_ci(x, resamples=resamples, seed=seed)
+        # Resampled means may round one ulp past the mean of identical values.
+        low, high = min(low, mean), max(high, mean)
+    if info is not None and info.min_value is not None:
+        low, high = max(low, info.min_value), max(high, info.min_value)
+    if info is not None and info.max_value is not None:
+        low, high = min(low, info.max_value), min(high, info.max_value)
+    return {
+        "n": n,
+        "mean": mean,
+        "std": std,
+        "stderr": stderr,
+        "ci_low": low,
+        "ci_high": high,
+        "ci_method": method,
+    }
+
+
+def aggregate_numbers(summary: dict[str, float | str]) -> dict[str, float]:
+    """What of an aggregate MLflow can log as metrics (n is the row count, ci_method a word)."""
+    return {k: float(v) for k, v in summary.items() if k in AGGREGATE_NUMBERS}
 
 
 @dataclass(frozen=True)
@@ -53,6 +116,9 @@ class PairedResult:
     losses: int
     better: str | None  # the label whose advantage is significant at 5%, else None
     verdict: str
+    # Why no verdict could be given at all (CONSTANT_DIFFERENCE), as opposed to a judged
+    # "no clear difference"; None when the test judged.
+    note: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -62,11 +128,7 @@ def paired_bootstrap_ci(
     diffs: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean paired difference, resampling rows."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, diffs.size, size=(resamples, diffs.size))
-    means = diffs[idx].mean(axis=1)
-    alpha = (1 - level) / 2
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+    return bootstrap_mean_ci(diffs, resamples=resamples, seed=seed, level=level)
 
 
 def paired_permutation_p(diffs: np.ndarray, *, permutations: int = PERMUTATIONS, seed: int = 0) -> float:
@@ -96,9 +158,17 @@ def paired_compare(
     scores_a: Sequence[float | None],
     scores_b: Sequence[float | None],
     greater_is_better: bool,
+    binary: bool = False,
     seed: int = 0,
     resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> PairedResult | None:
+    """Paired difference of a and b on the rows both were scored on.
+
+    When every row differs by exactly the same non-zero amount, the metric carries no row-level signal
+    (a per-batch or per-run number copied onto each row: a test would call any such offset
+    significant), so no candidate is called better. A binary metric is the exception: a
+    difference of 1 on every row means one candidate won every row.
+    """
     pairs = [
         (x, y)
         for x, y in zip(scores_a, scores_b, strict=True)
@@ -117,7 +187,12 @@ def paired_compare(
     ties = int(diffs.size - wins - losses)
     mean_diff = float(diffs.mean())
     better = None
-    if p_value < 0.05 and not (ci_low <= 0 <= ci_high):
+    note = None
+    constant = diffs.size > 1 and float(np.ptp(diffs)) <= 1e-12 * max(1.0, float(np.abs(diffs).max()))
+    # Equal scores on every row (a zero difference) are a tie the test reports as such.
+    if constant and mean_diff != 0 and not (binary and abs(mean_diff) == 1.0):
+        note = CONSTANT_DIFFERENCE
+    elif p_value < 0.05 and not (ci_low <= 0 <= ci_high):
         better = a if sign * mean_diff > 0 else b
     return PairedResult(
         metric=metric,
@@ -134,13 +209,28 @@ def paired_compare(
         ties=ties,
         losses=losses,
         better=better,
-        verdict=_verdict(metric, a, b, mean_diff, ci_low, ci_high, p_value, better, int(diffs.size)),
+        verdict=_verdict(metric, a, b, mean_diff, ci_low, ci_high, p_value, better, int(diffs.size), note),
+        note=note,
     )
 
 
 def _verdict(
-    metric: str, a: str, b: str, diff: float, low: float, high: float, p: float, better: str | None, n: int
+    metric: str,
+    a: str,
+    b: str,
+    diff: float,
+    low: float,
+    high: float,
+    p: float,
+    better: str | None,
+    n: int,
+    note: str | None = None,
 ) -> str:
+    if note == CONSTANT_DIFFERENCE:
+        return (
+            f"no verdict on {metric}: the difference is the same on every row "
+            f"({diff:+.3g}, {a} − {b}, n={n}), so the metric does not vary by row"
+        )
     interval = f"{diff:+.3g} [{low:+.3g}, {high:+.3g}] ({a} − {b}, p={p:.3g}, n={n})"
     if better is None:
         return f"no clear difference on {metric}: {interval}"

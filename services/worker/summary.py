@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from shared.metrics import METRICS
+from shared.metrics import MetricInfo
 from shared.results import side_by_side
 
 
@@ -16,16 +16,32 @@ def build_summary(
     rows: list[dict[str, Any]],
     candidates: list[dict[str, Any]],
     outputs: dict[str, list[dict[str, Any]] | None],
+    registry: dict[str, MetricInfo],
     pairwise: list[dict[str, Any]] | None = None,
     judge_ranking: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """``registry`` holds every metric the workers know, custom ones included: each metric's
+    direction and scale are recorded here, so the summary reads the same without it."""
     labels = [c["label"] for c in spec["candidates"]]
+    named = dict.fromkeys([*spec["metrics"], *(m for c in candidates for m in (c.get("metrics") or {}))])
     return {
         "id": comparison_id,
         "name": spec["name"],
         "experiment": spec["experiment"],
         "model_type": spec.get("model_type"),
         "metrics": spec["metrics"],
+        # MLflow built-ins outside the registry (e.g. toxicity) have no entry: no direction known.
+        "metric_info": {
+            name: {
+                "greater_is_better": registry[name].greater_is_better,
+                "scale": registry[name].scale,
+                "min_value": registry[name].min_value,
+                "max_value": registry[name].max_value,
+                "custom": registry[name].custom,
+            }
+            for name in named
+            if name in registry
+        },
         "candidates": [
             {
                 "label": c["label"],
@@ -45,13 +61,20 @@ def build_summary(
 
 
 def _best(summary: dict[str, Any], metric: str) -> str | None:
-    info = METRICS.get(metric)
+    info = summary.get("metric_info", {}).get(metric)
     values = {c["label"]: c["metrics"].get(metric) for c in summary["candidates"]}
     values = {k: v for k, v in values.items() if v is not None}
     if not values or info is None or len(set(values.values())) == 1:
         return None
-    pick = max if info.greater_is_better else min
+    pick = max if info["greater_is_better"] else min
     return pick(values, key=lambda label: values[label])
+
+
+def _arrow(summary: dict[str, Any], metric: str) -> str:
+    info = summary.get("metric_info", {}).get(metric)
+    if info is None:
+        return ""
+    return " ↑" if info["greater_is_better"] else " ↓"
 
 
 def render_html(summary: dict[str, Any]) -> str:
@@ -71,8 +94,7 @@ def render_html(summary: dict[str, Any]) -> str:
         "<h2>Metrics</h2><table><tr><th>candidate</th><th>model</th><th>status</th>",
     ]
     for name in metric_names:
-        arrow = "↑" if METRICS.get(name) and METRICS[name].greater_is_better else "↓"
-        parts.append(f"<th>{e(name)} {arrow}</th>")
+        parts.append(f"<th>{e(name)}{_arrow(summary, name)}</th>")
     parts.append("</tr>")
     best = {name: _best(summary, name) for name in metric_names}
     for c in summary["candidates"]:
@@ -89,7 +111,12 @@ def render_html(summary: dict[str, Any]) -> str:
                 interval = f"<br><small>[{agg['ci_low']:.3g}, {agg['ci_high']:.3g}]</small>"
             parts.append(f"<td{cls}>{'' if value is None else f'{value:.4g}'}{interval}</td>")
         parts.append("</tr>")
-    parts.append("</table><p><small>Mean per candidate, 95% confidence interval below.</small></p>")
+    parts.append(
+        "</table><p><small>Mean per candidate (for a 0/1 metric, the share of rows scoring 1), 95% "
+        "confidence interval below: a Wilson score interval for 0/1 metrics, a seeded percentile "
+        "bootstrap of the mean (2,000 resamples) for the others, within the metric's range. "
+        "↑ higher is better, ↓ lower is better.</small></p>"
+    )
     if summary.get("pairwise"):
         parts.append("<h2>Paired verdicts</h2><ul>")
         for pair in summary["pairwise"]:
@@ -100,7 +127,9 @@ def render_html(summary: dict[str, Any]) -> str:
             )
         parts.append(
             "</ul><p><small>Mean paired difference with a seeded paired-bootstrap 95% interval "
-            "(2,000 resamples) and a two-sided sign-flip permutation p-value.</small></p>"
+            "(2,000 resamples) and a two-sided sign-flip permutation p-value. A metric whose "
+            "difference is the same on every row gets no verdict: it does not vary by row (a 0/1 "
+            "metric that one candidate wins on every row is judged).</small></p>"
         )
     ranking = summary.get("judge_ranking")
     if ranking:

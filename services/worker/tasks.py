@@ -12,14 +12,14 @@ from typing import Any
 import structlog
 from celery import Task
 
-from services.worker import pipeline
+from services.worker import feedback, pipeline
 from services.worker.celery_app import app
 from services.worker.custom_metrics import load_custom_metrics
 from services.worker.errors import is_transient
 from services.worker.models import shared_model_cache
 from shared.settings import get_settings
 from shared.store import ComparisonStore
-from shared.tasks import FINALIZE_COMPARISON, RUN_CANDIDATE, START_COMPARISON
+from shared.tasks import FINALIZE_COMPARISON, LOG_FEEDBACK, RUN_CANDIDATE, START_COMPARISON
 
 log = structlog.get_logger()
 
@@ -96,4 +96,15 @@ def finalize_comparison(self: Task, comparison_id: str) -> str:
         pipeline.fail_comparison(
             context(), comparison_id, f"summary step failed: {type(exc).__name__}: {exc}"
         )
+        raise
+
+
+@app.task(name=LOG_FEEDBACK, bind=True, max_retries=get_settings().task_max_retries)
+def log_feedback(self: Task, comparison_id: str) -> str:
+    try:
+        return feedback.log_feedback(context(), comparison_id)
+    except Exception as exc:
+        _retry_if_transient(self, exc)
+        # Votes and ratings stay in Redis; the next one queues another attempt.
+        log.warning("feedback.log_failed", comparison_id=comparison_id, error=f"{type(exc).__name__}: {exc}")
         raise

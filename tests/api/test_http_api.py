@@ -109,12 +109,26 @@ class TestSubmit:
         results = api_client.results(created["id"])
         assert [r["input"] for r in results["rows"]] == ["What is the capital of France?", "What is 2 + 2?"]
         assert results["rows"][0]["topic"] == "geo"
+        unrated = {"up": 0, "down": 0, "comments": []}
         assert results["rows"][0]["outputs"] == {
-            "a": {"output": None, "scores": {}},
-            "b": {"output": None, "scores": {}},
+            "a": {"output": None, "scores": {}, "ratings": unrated},
+            "b": {"output": None, "scores": {}, "ratings": unrated},
         }
         table = list(csv.reader(io.StringIO(api_client.results_csv(created["id"]))))
-        assert table[0] == ["index", "input", "reference", "topic", "a", "b"]
+        assert table[0] == [
+            "index",
+            "input",
+            "reference",
+            "topic",
+            "a",
+            "a/thumbs_up",
+            "a/thumbs_down",
+            "a/comments",
+            "b",
+            "b/thumbs_up",
+            "b/thumbs_down",
+            "b/comments",
+        ]
         assert table[1][:4] == ["0", "What is the capital of France?", "Paris", "geo"]
 
     def test_unknown_comparison_is_404(self, api_only: Stack):
@@ -358,6 +372,11 @@ class TestCatalogAndHealth:
         assert metrics["regex_match"]["needs_option"] == "regex"
         assert metrics["semantic_similarity"]["group"] == "reference"
         assert all(m["description"] and m["offline"] for m in metrics.values())
+        scales = {n: (m["scale"], m["min_value"], m["max_value"]) for n, m in metrics.items()}
+        assert scales["contains_reference"] == ("binary", 0.0, 1.0)
+        assert scales["semantic_similarity"] == ("bounded", -1.0, 1.0)
+        assert scales["latency"] == ("unbounded", 0.0, None)
+        assert scales["flesch_kincaid_grade"] == ("unbounded", None, None)
         assert set(metrics) == set(METRICS)
 
     def test_healthz(self, api_only: Stack):

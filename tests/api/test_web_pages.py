@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -101,10 +102,12 @@ class TestList:
         assert badges == ["partially failed", "succeeded"]
         counts = [c.text_content() for c in doc.xpath('//span[@class="mini-count"]')]
         assert counts == ["4/4"] * 4
-        assert doc.xpath('//div[@data-active]')[0].get("data-active") == "false"
+        assert doc.xpath("//div[@data-active]")[0].get("data-active") == "false"
 
         filtered = page(client.get("/ui?status=succeeded"))
-        assert [a.get("href") for a in filtered.xpath('//table[@class="list"]//a')] == [f"/ui/comparisons/{first}"]
+        assert [a.get("href") for a in filtered.xpath('//table[@class="list"]//a')] == [
+            f"/ui/comparisons/{first}"
+        ]
         empty = page(client.get("/ui?status=failed"))
         assert "No failed comparisons." in empty.text_content()
 
@@ -114,14 +117,14 @@ class TestList:
         fragment = client.get("/ui?fragment=true")
         assert "<html" not in fragment.text
         doc = page(fragment)
-        assert doc.xpath('//div[@data-active]')[0].get("data-active") == "true"
+        assert doc.xpath("//div[@data-active]")[0].get("data-active") == "true"
         assert f"/ui/comparisons/{created['id']}" in fragment.text
 
 
 class TestNewComparisonForm:
     def test_opens_with_the_demo_example(self, client):
         doc = page(client.get("/ui/new"))
-        demo = json.loads(open("demo/comparison.json").read())
+        demo = json.loads(Path("demo/comparison.json").read_text())
         assert doc.xpath('//input[@name="name"]')[0].get("value") == demo["name"]
         labels = [i.get("value") for i in doc.xpath('//input[contains(@name, "].label")]')]
         assert labels == [c["label"] for c in demo["candidates"]]
@@ -179,7 +182,10 @@ class TestNewComparisonForm:
         fields = form_fields(spec_dict())
         fields["dataset"] = '{"input": "fine"}\n{not json'
         doc = page(client.post("/ui/new", data=fields))
-        assert error_next_to(doc, "dataset") == ["⚠ line 2 is not valid JSON (Expecting property name enclosed in double quotes); one object per line"]
+        assert error_next_to(doc, "dataset") == [
+            "⚠ line 2 is not valid JSON (Expecting property name enclosed in double quotes); "
+            "one object per line"
+        ]
 
     def test_no_metric_checked_is_refused(self, client):
         fields = form_fields(spec_dict())
@@ -208,10 +214,13 @@ class TestNewComparisonForm:
         assert labels == ["greedy", "sampled", "candidate-3"]
         # The new candidate starts as a copy of the last one.
         assert doc.xpath('//input[@name="candidates[2].generation.temperature"]')[0].get("value") == "0.7"
-        fields.update({
-            "candidates[2].label": "third", "candidates[2].model": "smollm2-135m-instruct",
-            "action": "remove_candidate:0",
-        })
+        fields.update(
+            {
+                "candidates[2].label": "third",
+                "candidates[2].model": "smollm2-135m-instruct",
+                "action": "remove_candidate:0",
+            }
+        )
         doc = page(client.post("/ui/new", data=fields))
         labels = [i.get("value") for i in doc.xpath('//input[contains(@name, "].label")]')]
         assert labels == ["sampled", "third"]
@@ -241,7 +250,9 @@ class TestComparisonPage:
         assert "wins/ties/losses 3/0/1 over 4 rows" in verdicts[0]
         charts = {f.get("id"): f for f in doc.xpath('//figure[@class="chart"]')}
         assert set(charts) == {"chart-exact_match", "chart-output_words"}
-        best = charts["chart-output_words"].xpath('.//div[contains(@class, "best")]//span[@class="bar-label"]')
+        best = charts["chart-output_words"].xpath(
+            './/div[contains(@class, "best")]//span[@class="bar-label"]'
+        )
         assert [b.text_content().split()[0] for b in best] == ["sampled"]
         # exact_match is tied: nothing is marked best.
         assert not charts["chart-exact_match"].xpath('.//div[contains(@class, "best")]')

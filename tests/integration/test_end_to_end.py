@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,72 +16,15 @@ from typing import Any
 import httpx
 import mlflow
 import pytest
-from mlflow.tracking import MlflowClient
 
 from scripts.stack import Stack, free_port
 from shared.client import ComparisonClient
 from shared.metrics import METRICS
 from tests.conftest import _cleanup_prefix
-from tests.fixtures.judge_server import JudgeServer
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def judge_server() -> Iterator[JudgeServer]:
-    with JudgeServer(api_key="e2e-key") as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def stack(
-    redis_url, redis_client, run_id, tmp_path_factory, model_root, tiny_models, judge_server
-) -> Iterator[Stack]:
-    prefix, queue = f"test-e2e-{run_id}", f"test-e2e-{run_id}"
-    stack = Stack(
-        run_dir=tmp_path_factory.mktemp("e2e"),
-        redis_url=redis_url,
-        api_port=free_port(),
-        mlflow_port=free_port(),
-        workers=2,
-        worker_concurrency=1,
-        queue_name=queue,
-        key_prefix=prefix,
-        # Two worker processes share two cores: one torch thread each avoids oversubscription.
-        # A short lease lets a redelivered task take over from a killed worker within seconds.
-        extra_env={
-            "MODEL_ROOTS": str(model_root),
-            "TORCH_THREADS": "1",
-            "GENERATION_BATCH_SIZE": "4",
-            "CANDIDATE_LEASE_S": "8",
-            "CUSTOM_METRIC_MODULES": "examples.custom_metrics",
-            # Gateway and workers both see the judge: the gateway to accept judge metrics.
-            "JUDGE_BASE_URL": judge_server.base_url,
-            "JUDGE_MODEL": "rule-judge",
-            "JUDGE_API_KEY": "e2e-key",
-        },
-    )
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.stop()
-        _cleanup_prefix(redis_client, prefix, queue)
-
-
-@pytest.fixture(scope="module")
-def client(stack: Stack) -> Iterator[ComparisonClient]:
-    client = ComparisonClient(stack.api_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def mlflow_client(stack: Stack) -> MlflowClient:
-    mlflow.set_tracking_uri(stack.mlflow_url)
-    return MlflowClient(stack.mlflow_url)
 
 
 ROWS = [
@@ -263,6 +207,11 @@ class TestTwoCandidates:
         path = mlflow_client.download_artifacts(parent_id, "comparison_summary.json", str(tmp_path))
         summary = json.loads(Path(path).read_text())
         results = client.results(tiny_run["id"])
+        # The summary is written when the comparison ends; people's ratings come later, in the API
+        # and in human_ratings.json.
+        for row in results["rows"]:
+            for out in row["outputs"].values():
+                assert out.pop("ratings") == {"up": 0, "down": 0, "comments": []}
         assert summary["rows"] == results["rows"]
         assert {c["label"]: c["metrics"] for c in summary["candidates"]} == {
             c["label"]: c["metrics"] for c in tiny_run["final"]["candidates"]
@@ -505,3 +454,40 @@ def test_real_smollm2_comparison(client, mlflow_client):
         assert name in run.data.metrics, name
     sampled = mlflow_client.get_run(by_label["sampled-t0.7"]["mlflow_run_id"])
     assert sampled.data.params["generation.temperature"] == "0.7"
+
+
+def test_cli_runs_a_spec_and_waits_for_the_table(stack, client, tiny_models, tmp_path):
+    """`llm-compare run SPEC --wait` as a person types it: a YAML spec, a CSV dataset, progress
+    bars, then the side-by-side table and verdicts, and exit code 0."""
+    import yaml
+
+    spec = tiny_spec(tiny_models, name="from-the-terminal")
+    spec.pop("dataset")
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    data_file = tmp_path / "rows.csv"
+    data_file.write_text("input,reference\n" + "".join(f"{r['input']},{r['reference']}\n" for r in ROWS))
+    command = [str(Path(sys.executable).parent / "llm-compare"), "--url", stack.api_url]
+    done = subprocess.run(
+        [*command, "run", str(spec_file), "--data", str(data_file), "--wait", "--timeout", "300"],
+        capture_output=True,
+        text=True,
+        timeout=360,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    listed = client.list(limit=5)["items"]
+    ran = next(item for item in listed if item["name"] == "from-the-terminal")
+    assert ran["status"] == "succeeded"
+    results = client.results(ran["id"])
+    out = done.stdout
+    assert "Status succeeded" in out
+    for row in results["rows"]:
+        # Every input and the start of every output appear in the printed table.
+        assert row["input"].split()[0] in out
+        assert row["outputs"]["causal"]["output"].split()[0] in out
+    assert "exact_match" in out and f"/ui/comparisons/{ran['id']}" in out
+    as_json = subprocess.run(
+        [*command, "--json", "show", ran["id"]], capture_output=True, text=True, timeout=60
+    )
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["id"] == ran["id"]

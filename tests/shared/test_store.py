@@ -76,3 +76,49 @@ def test_listing_newest_first_with_status_filter(store):
     assert (ids, total) == (["l2", "l1"], 3)
     assert store.list_ids(status=None, limit=2, offset=2) == (["l0"], 3)
     assert store.list_ids(status=ComparisonStatus.running, limit=10, offset=0) == (["l1"], 1)
+
+
+class TestHumanEvaluation:
+    def test_votes_keep_their_order_and_expire_with_the_comparison(self, store):
+        assert store.votes("v1") == []
+        assert store.add_vote("v1", {"id": "1", "row": 0, "winner": "a"}) == 1
+        assert store.add_vote("v1", {"id": "2", "row": 1, "winner": "tie"}) == 2
+        assert [v["id"] for v in store.votes("v1")] == ["1", "2"]
+        assert 0 < store.r.ttl(store._key("v1", "votes")) <= 600
+
+    def test_one_rating_per_cell_and_rater_replaced_then_removed(self, store):
+        def rating(row, label, rater, value, comment=None):
+            return {"row": row, "label": label, "rater": rater, "rating": value, "comment": comment}
+
+        store.set_rating("r1", rating(1, "b", None, "up"))
+        store.set_rating("r1", rating(0, "b", "ann", "down"))
+        store.set_rating("r1", rating(0, "a", "ann", "up"))
+        store.set_rating("r1", rating(0, "a", "bob", "up"))
+        store.set_rating("r1", rating(0, "a", "ann", "down", "too long"))  # replaces ann's
+        assert [(r["row"], r["label"], r["rater"], r["rating"]) for r in store.ratings("r1")] == [
+            (0, "a", "ann", "down"),
+            (0, "a", "bob", "up"),
+            (0, "b", "ann", "down"),
+            (1, "b", None, "up"),
+        ]
+        store.set_rating("r1", rating(0, "a", "ann", None, "just a note"))  # a comment alone stays
+        store.set_rating("r1", rating(0, "a", "bob", None))  # neither: removed
+        assert [
+            (r["rater"], r["rating"], r["comment"]) for r in store.ratings("r1") if r["label"] == "a"
+        ] == [("ann", None, "just a note")]
+        assert 0 < store.r.ttl(store._key("r1", "ratings")) <= 600
+
+    def test_a_matchup_is_taken_once(self, store):
+        store.save_matchup("m1", "mid", {"row": 2, "a": "x", "b": "y", "voter": None}, ttl_s=60)
+        assert 0 < store.r.ttl(store._key("m1", "matchup", "mid")) <= 60
+        assert store.take_matchup("m1", "mid") == ({"row": 2, "a": "x", "b": "y", "voter": None}, True)
+        assert store.take_matchup("m1", "mid") == ({"row": 2, "a": "x", "b": "y", "voter": None}, False)
+        assert store.take_matchup("m1", "other") is None
+        assert store.take_matchup("other", "mid") is None
+
+    def test_the_feedback_log_flag_collapses_bursts(self, store):
+        assert store.claim_feedback_log("f1") is True
+        assert store.claim_feedback_log("f1") is False
+        assert 0 < store.r.ttl(store._key("f1", "feedback_log")) <= 600
+        store.release_feedback_log("f1")
+        assert store.claim_feedback_log("f1") is True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlflow
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from services.worker.evaluation import evaluate_outputs
@@ -45,12 +46,23 @@ def test_scores_per_row_and_aggregates(run, with_references):
     assert [s["output_words"] for s in scored["row_scores"]] == [1.0, 5.0]
     assert [s["latency"] for s in scored["row_scores"]] == [0.5, 1.5]
     assert scored["metrics"]["latency"] == 1.0
-    assert scored["aggregates"]["output_tokens"]["mean"] == 4.5
+    tokens = scored["aggregates"]["output_tokens"]
+    assert tokens["mean"] == 4.5 and tokens["ci_method"] == "bootstrap"
+    assert 3.0 <= tokens["ci_low"] <= tokens["ci_high"] <= 6.0  # within the observed 3 and 6
     if with_references:
         assert [s["exact_match"] for s in scored["row_scores"]] == [1.0, 0.0]
         assert [s["contains_reference"] for s in scored["row_scores"]] == [1.0, 1.0]
+        hits = scored["aggregates"]["contains_reference"]
+        # 2 of 2: Wilson [n / (n + z²), 1] = [0.342, 1], where a t-interval has width 0.
+        assert hits["ci_method"] == "wilson"
+        assert (hits["ci_low"], hits["ci_high"]) == (pytest.approx(2 / (2 + 3.841459)), 1.0)
     logged = client.get_run(run_id).data.metrics
     assert logged["latency_seconds/mean"] == 1.0
+    # The aggregates MLflow logs are the same numbers as the ones the API serves.
+    assert logged["output_tokens/ci_low"] == pytest.approx(tokens["ci_low"])
+    assert logged["output_tokens/ci_high"] == pytest.approx(tokens["ci_high"])
+    if with_references:
+        assert logged["contains_reference/ci_high"] == 1.0
     table = client.load_table(experiment_id, "eval_results_table.json", run_ids=[run_id])
     # The same column names whether or not the rows carry references.
     assert table["outputs"].tolist() == ["Paris.", "It is Rome, I think"]
@@ -96,6 +108,13 @@ def test_custom_metrics_from_a_module(run):
     assert [s["starts_with_capital"] for s in scored["row_scores"]] == [1.0, 0.0]
     assert [s["answer_length_ratio"] for s in scored["row_scores"]] == [4.0, None]  # row 1 has no reference
     assert scored["aggregates"]["answer_length_ratio"]["n"] == 1
+    # Declared binary: the Wilson interval of 1 of 2.
+    capital = scored["aggregates"]["starts_with_capital"]
+    assert capital["ci_method"] == "wilson"
+    assert capital["ci_low"] == pytest.approx(0.094531, abs=1e-6)
+    assert capital["ci_high"] == pytest.approx(0.905469, abs=1e-6)
+    assert custom["starts_with_capital"].info.scale == "binary"
+    assert custom["answer_length_ratio"].info.min_value == 0.0
     assert "starts_with_capital/mean" in client.get_run(run_id).data.metrics
 
 
@@ -111,3 +130,41 @@ def test_custom_metric_may_not_shadow_a_builtin(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ValueError, match="clashes with a built-in"):
         load_custom_metrics(Settings(custom_metric_modules=["clashing_metrics"]))
+
+
+def test_custom_metric_scoring_outside_its_declared_scale_is_an_error(run):
+    from services.worker.custom_metrics import CustomMetric
+
+    share = CustomMetric(
+        name="share",
+        description="a share of something",
+        greater_is_better=True,
+        fn=lambda output, reference, row: 1.5,
+        scale="bounded",
+        min_value=0.0,
+        max_value=1.0,
+    )
+    client, experiment_id, run_id = run
+    # mlflow.evaluate wraps it; the candidate fails with this message.
+    with pytest.raises(
+        MlflowException, match=r"custom metric 'share' scored row 0 1\.5, outside its declared range"
+    ):
+        evaluate_outputs(
+            run_id=run_id,
+            experiment_id=experiment_id,
+            rows=[{"input": "q0"}],
+            prompts=["q0"],
+            generated=[Generated("x", 1, 0.1)],
+            metric_names=["share"],
+            model_type=None,
+            custom={"share": share},
+        )
+
+
+def test_custom_metric_with_an_inconsistent_scale_fails_when_declared():
+    from services.worker.custom_metrics import CustomMetric
+
+    with pytest.raises(ValueError, match="a bounded metric needs min_value and max_value"):
+        CustomMetric(
+            name="x", description="d", greater_is_better=True, fn=lambda o, r, row: 0.0, scale="bounded"
+        )

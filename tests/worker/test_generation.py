@@ -245,3 +245,106 @@ def test_progress_is_reported_inside_a_batch_and_a_cancel_stops_it_there(causal)
             candidate=candidate, loaded=causal, prompts=PROMPTS, batch_size=4, on_step=cancel, step_every_s=0
         )
     assert calls == 1
+
+
+def _ending_rows_early(monkeypatch, loaded) -> CandidateSpec:
+    """Random weights almost never produce </s>: make one token in seven an extra EOS and
+    sample, so that the rows of one batch end at different, seeded steps."""
+    eos = loaded.model.generation_config.eos_token_id
+    special = {loaded.tokenizer.pad_token_id, loaded.tokenizer.eos_token_id}
+    extra = [t for t in range(len(loaded.tokenizer)) if t % 7 == 3 and t not in special]
+    monkeypatch.setattr(loaded.model.generation_config, "eos_token_id", [eos, *extra])
+    return CandidateSpec(
+        label="a",
+        model="m",
+        generation={"max_new_tokens": 12, "do_sample": True, "temperature": 1.5, "seed": 7},
+    )
+
+
+def _prompts(loaded, candidate) -> list[str]:
+    chat = wants_chat_template(candidate, loaded)
+    return [render_prompt(candidate, loaded, {"input": p}, chat=chat) for p in PROMPTS * 2]
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+def test_each_row_gets_the_time_of_its_own_last_token(kind, causal, seq2seq, monkeypatch):
+    """A clock that ticks once per reading makes step k end at exactly k seconds, so a row's
+    latency is the step of its last token: its kept tokens, plus its EOS when it ended on one."""
+    import types
+
+    from services.worker import generation
+
+    loaded = causal if kind == "causal" else seq2seq
+    candidate = _ending_rows_early(monkeypatch, loaded)
+    ticks = iter(range(1_000_000))
+    monkeypatch.setattr(generation, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+
+    outputs = generate_outputs(
+        candidate=candidate, loaded=loaded, prompts=_prompts(loaded, candidate), batch_size=8
+    )
+
+    assert any(g.output_tokens < 12 for g in outputs) and len({g.output_tokens for g in outputs}) >= 2
+    for g in outputs:
+        assert g.latency_s == (g.output_tokens + 1 if g.output_tokens < 12 else 12)
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+def test_row_latencies_in_one_batch_differ_and_grow_with_the_output(kind, causal, seq2seq, monkeypatch):
+    loaded = causal if kind == "causal" else seq2seq
+    candidate = _ending_rows_early(monkeypatch, loaded)
+
+    outputs = generate_outputs(
+        candidate=candidate, loaded=loaded, prompts=_prompts(loaded, candidate), batch_size=8
+    )
+
+    assert len({g.latency_s for g in outputs}) > 1, "every row got the same latency"
+    by_length = sorted(outputs, key=lambda g: g.output_tokens)
+    for shorter, longer in zip(by_length, by_length[1:], strict=False):
+        if shorter.output_tokens < longer.output_tokens:
+            assert shorter.latency_s < longer.latency_s
+    assert all(g.latency_s > 0 for g in outputs)
+
+
+def test_a_row_ended_by_a_stop_string_is_timed_at_its_last_kept_token():
+    from services.worker.generation import _last_token_step
+
+    eos = {2}
+    # Ended on EOS at step 4, then padding: the EOS is its last token.
+    assert _last_token_step([5, 6, 7, 2, 0, 0], kept=3, eos_ids=eos, stopped_by_string=False) == 4
+    # Ran to max_new_tokens: the last of its tokens.
+    assert _last_token_step([5, 6, 7, 8], kept=4, eos_ids=eos, stopped_by_string=False) == 4
+    # A stop string ended it; padding that reuses the EOS id is not its token.
+    assert _last_token_step([5, 6, 2, 2], kept=2, eos_ids=eos, stopped_by_string=True) == 2
+    # EOS at once: the first step.
+    assert _last_token_step([2, 2], kept=0, eos_ids=eos, stopped_by_string=False) == 1
+
+
+def test_on_cuda_step_times_come_from_events_read_once_the_batch_is_done(monkeypatch):
+    """CUDA kernels run behind the host: a host clock read after a step would time its queueing.
+    Events recorded on the stream time the step itself (faked here: this suite needs no GPU)."""
+    import torch
+
+    from services.worker.generation import StepProgress
+
+    ticks = iter(range(100))
+    synchronised: list[bool] = []
+
+    class Event:
+        def __init__(self, enable_timing: bool):
+            assert enable_timing
+            self.ms = -1.0
+
+        def record(self) -> None:
+            self.ms = 10.0 * next(ticks)  # the GPU reaches it 10 ms after the previous one
+
+        def elapsed_time(self, end: Event) -> float:
+            assert synchronised, "read before the stream finished"
+            return end.ms - self.ms
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: synchronised.append(True))
+    hook = StepProgress(None, prompt_length=1, eos_ids={2}, every_s=2.0, device="cuda")
+    hook.start()  # generate() starts here
+    for _ in range(3):
+        assert not hook(torch.zeros((2, 4), dtype=torch.long), None).any()
+    assert hook.step_seconds() == [pytest.approx(0.01), pytest.approx(0.02), pytest.approx(0.03)]

@@ -15,6 +15,10 @@ from shared.metrics import DEFAULT_METRICS, METRICS
 def test_registry_and_implementations_agree():
     assert set(METRIC_FACTORIES) == set(METRICS)
     assert set(DEFAULT_METRICS) <= set(METRICS)
+    # Same direction on the MLflow side as in the registry.
+    built = build_metrics(list(METRICS), {"regex": "x", "judge": object(), "judge_rubric": "r"})
+    for name, metric in zip(METRICS, built, strict=True):
+        assert metric.greater_is_better == METRICS[name].greater_is_better, name
 
 
 @pytest.mark.parametrize(
@@ -46,6 +50,10 @@ def test_exact_match():
     )
     assert value.scores == [1.0, 1.0, 0.0, 0.0]
     assert value.aggregate_results["mean"] == 0.5
+    # Logged to MLflow as exact_match/ci_low...: the Wilson interval of 2 of 4, numbers only.
+    assert value.aggregate_results["ci_low"] == pytest.approx(0.150039, abs=1e-6)
+    assert value.aggregate_results["ci_high"] == pytest.approx(0.849961, abs=1e-6)
+    assert set(value.aggregate_results) == {"mean", "std", "stderr", "ci_low", "ci_high"}
 
 
 def test_contains_reference():

@@ -68,3 +68,17 @@ def test_round_trip_on_redis(cache, redis_client):
     assert cache.get_many(["k1", "k2"]) == [Generated("hello", 2, 0.25), None]
     assert 0 < redis_client.ttl(f"{cache.prefix}:gen:k1") <= 60
     assert cache.get_many([]) == []
+
+
+def test_cached_rows_keep_their_own_latency(cache):
+    batch = {"k1": Generated("Paris", 2, 0.125), "k2": Generated("It is Rome, I think", 6, 0.375)}
+    cache.put_many(batch)
+    assert [g.latency_s for g in cache.get_many(["k2", "k1"])] == [0.375, 0.125]
+
+
+def test_entries_from_before_per_row_latency_are_not_reused(monkeypatch):
+    from services.worker import response_cache
+
+    current = cache_keys(candidate=spec(), loaded=loaded(), prompts=["p1"], chat=True)
+    monkeypatch.setattr(response_cache, "KEY_VERSION", 1)  # entries holding their batch's average
+    assert cache_keys(candidate=spec(), loaded=loaded(), prompts=["p1"], chat=True) != current

@@ -41,6 +41,9 @@ def list_metrics(store: StoreDep) -> list[MetricRead]:
             offline=info.offline,
             default=info.default,
             custom=info.custom,
+            scale=info.scale,
+            min_value=info.min_value,
+            max_value=info.max_value,
         )
         for info in metric_registry(store.r, store.prefix).values()
     ]

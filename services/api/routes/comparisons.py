@@ -8,12 +8,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from services.api import service
 from services.api.deps import PublisherDep, SettingsDep, StoreDep
 from services.api.errors import FieldProblem, InvalidComparison, PayloadTooLarge
+from services.api.events import comparison_events
 from services.api.uploads import parse_dataset_file
 from shared.schemas import (
     ComparisonCreate,
@@ -148,14 +150,21 @@ def get_comparison(comparison_id: str, store: StoreDep, settings: SettingsDep) -
     "/{comparison_id}/results",
     response_model=ComparisonResults,
     responses={200: {"content": {"text/csv": {}}}},
-    summary="Side-by-side outputs; ?format=csv for one CSV row per dataset row",
+    summary="Side-by-side outputs with scores and ratings; ?format=csv for one CSV row per dataset row",
 )
 def get_results(
     comparison_id: str,
     store: StoreDep,
     format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
+    download: Annotated[bool, Query(description="Send as a file to save (JSON; CSV always is)")] = False,
 ) -> Any:
     results = service.comparison_results(comparison_id=comparison_id, store=store)
+    if format == "json" and download:
+        return Response(
+            results.model_dump_json(indent=2),
+            media_type="application/json",
+            headers={"Content-Disposition": f'attachment; filename="{comparison_id}.json"'},
+        )
     if format == "csv":
         return Response(
             service.results_csv(results),
@@ -171,4 +180,25 @@ def cancel_comparison(
 ) -> ComparisonRead:
     return service.cancel_comparison(
         comparison_id=comparison_id, store=store, publisher=publisher, settings=settings
+    )
+
+
+@router.get(
+    "/{comparison_id}/events",
+    responses={200: {"content": {"text/event-stream": {}}}},
+    summary="Server-Sent Events: the comparison's state on every change, then 'end'",
+)
+def stream_events(comparison_id: str, request: Request, store: StoreDep, settings: SettingsDep) -> Any:
+    # Read once before streaming, so an unknown id is a plain 404 rather than a broken stream.
+    service.read_comparison(comparison_id=comparison_id, store=store, settings=settings)
+    return StreamingResponse(
+        comparison_events(
+            comparison_id=comparison_id,
+            store=store,
+            settings=settings,
+            is_disconnected=request.is_disconnected,
+        ),
+        media_type="text/event-stream",
+        # Proxies (nginx) must pass each event on at once instead of buffering the stream.
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -92,7 +92,9 @@ def state_from_form(form: Any) -> FormState:
     values = {key: value for key, value in form.multi_items() if isinstance(value, str) and key != "metrics"}
     indices = {int(m.group(1)) for key in values if (m := _INDEX.match(key))}
     count = max([MIN_CANDIDATES, *(i + 1 for i in indices)])
-    return FormState(values=values, metrics=[m for m in form.getlist("metrics") if isinstance(m, str)], candidates=count)
+    return FormState(
+        values=values, metrics=[m for m in form.getlist("metrics") if isinstance(m, str)], candidates=count
+    )
 
 
 def add_candidate(state: FormState) -> None:

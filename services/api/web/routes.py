@@ -153,7 +153,9 @@ async def submit_comparison_form(
 
 
 @router.get("/ui/comparisons/{comparison_id}")
-def comparison_page(request: Request, comparison_id: str, store: StoreDep, settings: SettingsDep) -> HTMLResponse:
+def comparison_page(
+    request: Request, comparison_id: str, store: StoreDep, settings: SettingsDep
+) -> HTMLResponse:
     try:
         comparison = service.read_comparison(comparison_id=comparison_id, store=store, settings=settings)
     except ApiError:
@@ -169,7 +171,9 @@ def comparison_page(request: Request, comparison_id: str, store: StoreDep, setti
             "charts": views.charts(comparison, reg),
             "decided": decided,
             "undecided": undecided,
-            "grid": views.grid_context(comparison_id=comparison_id, store=store, comparison=comparison, reg=reg),
+            "grid": views.grid_context(
+                comparison_id=comparison_id, store=store, comparison=comparison, reg=reg
+            ),
             "arena_ready": views.arena_ready(comparison),
             "active": comparison.status in views.ACTIVE,
         },
@@ -181,7 +185,9 @@ def cancel_from_page(
     request: Request, comparison_id: str, store: StoreDep, publisher: PublisherDep, settings: SettingsDep
 ) -> Response:
     try:
-        service.cancel_comparison(comparison_id=comparison_id, store=store, publisher=publisher, settings=settings)
+        service.cancel_comparison(
+            comparison_id=comparison_id, store=store, publisher=publisher, settings=settings
+        )
     except ApiError as exc:
         if exc.status_code == 404:
             return _not_found(request, exc.message)
@@ -198,5 +204,9 @@ def arena_page(request: Request, comparison_id: str, store: StoreDep, settings: 
     return _page(
         request,
         "arena.html",
-        {"title": f"Arena · {comparison.name}", "c": comparison, "arena_ready": views.arena_ready(comparison)},
+        {
+            "title": f"Arena · {comparison.name}",
+            "c": comparison,
+            "arena_ready": views.arena_ready(comparison),
+        },
     )

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from services.api import service
+from services.api.validation import resolve_metrics
 from services.api.web.charts import MetricChart, metric_chart
 from services.api.web.forms import FormState, state_from_spec
 from shared.catalog import CATALOG
-from services.api.validation import resolve_metrics
 from shared.metrics import DEFAULT_METRICS, MetricInfo, metric_registry
 from shared.results import has_reference
 from shared.schemas import CandidateState, ComparisonCreate, ComparisonRead, ComparisonStatus
@@ -64,7 +64,7 @@ def models_for_picker() -> list[dict[str, str]]:
 
 def charts(comparison: ComparisonRead, reg: dict[str, MetricInfo]) -> list[MetricChart]:
     candidates = [c.model_dump() for c in comparison.candidates]
-    out = []
+    out: list[MetricChart] = []
     for name in comparison.metrics + [
         m for c in comparison.candidates for m in c.aggregates if m not in comparison.metrics
     ]:
@@ -95,9 +95,7 @@ def grid_context(
     if not any(out.output is not None for row in results.rows for out in row.outputs.values()):
         return None
     scored = list(
-        dict.fromkeys(
-            name for row in results.rows for out in row.outputs.values() for name in out.scores
-        )
+        dict.fromkeys(name for row in results.rows for out in row.outputs.values() for name in out.scores)
     )
     metric_info = {
         name: {
@@ -107,9 +105,7 @@ def grid_context(
         }
         for name in scored
     }
-    extra_columns = list(
-        dict.fromkeys(k for row in results.rows for k in (row.model_extra or {}))
-    )
+    extra_columns = list(dict.fromkeys(k for row in results.rows for k in (row.model_extra or {})))
     first_reference_metric = next(
         (m for m in comparison.metrics if m in scored and reg.get(m) and reg[m].needs_reference),
         scored[0] if scored else None,

@@ -1,0 +1,101 @@
+"""The stack the end-to-end and browser tests share: Redis, an `mlflow server`, two Celery
+workers, the API under uvicorn and a loopback judge, all started once on free ports."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+from playwright.sync_api import Browser, sync_playwright
+
+from scripts.stack import Stack, free_port
+from shared.client import ComparisonClient
+from tests.conftest import _cleanup_prefix
+from tests.fixtures.judge_server import JudgeServer
+
+
+@pytest.fixture(scope="package")
+def judge_server() -> Iterator[JudgeServer]:
+    with JudgeServer(api_key="e2e-key") as server:
+        yield server
+
+
+@pytest.fixture(scope="package")
+def stack(
+    redis_url, redis_client, run_id, tmp_path_factory, model_root, tiny_models, judge_server
+) -> Iterator[Stack]:
+    prefix, queue = f"test-e2e-{run_id}", f"test-e2e-{run_id}"
+    stack = Stack(
+        run_dir=tmp_path_factory.mktemp("e2e"),
+        redis_url=redis_url,
+        api_port=free_port(),
+        mlflow_port=free_port(),
+        workers=2,
+        worker_concurrency=1,
+        queue_name=queue,
+        key_prefix=prefix,
+        # Two worker processes share two cores: one torch thread each avoids oversubscription.
+        # A short lease lets a redelivered task take over from a killed worker within seconds.
+        extra_env={
+            "MODEL_ROOTS": str(model_root),
+            "TORCH_THREADS": "1",
+            "GENERATION_BATCH_SIZE": "4",
+            "CANDIDATE_LEASE_S": "8",
+            "CUSTOM_METRIC_MODULES": "examples.custom_metrics",
+            # Gateway and workers both see the judge: the gateway to accept judge metrics.
+            "JUDGE_BASE_URL": judge_server.base_url,
+            "JUDGE_MODEL": "rule-judge",
+            "JUDGE_API_KEY": "e2e-key",
+        },
+    )
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        _cleanup_prefix(redis_client, prefix, queue)
+
+
+@pytest.fixture(scope="package")
+def client(stack: Stack) -> Iterator[ComparisonClient]:
+    client = ComparisonClient(stack.api_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="package")
+def mlflow_client(stack: Stack) -> MlflowClient:
+    mlflow.set_tracking_uri(stack.mlflow_url)
+    return MlflowClient(stack.mlflow_url)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Without the background-networking flags Chromium keeps dialling Google's hosts, which this
+# network refuses; the tests must only ever talk to 127.0.0.1.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="package")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium driven by Playwright (``playwright install`` cannot download here).
+    Missing, it skips the browser tests locally and fails them in CI (CI is set there)."""
+    if not CHROMIUM.exists():
+        message = f"the browser tests need Chromium at {CHROMIUM} (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
