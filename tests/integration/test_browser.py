@@ -207,12 +207,19 @@ class TestGrid:
             own = row["outputs"]["t5"]["scores"]["output_words"]
             cell = page.locator(f'#grid tr[data-row="{row["index"]}"] td[data-label="t5"]')
             delta = cell.locator('li[data-metric="output_words"] .delta')
-            expect(delta).to_be_visible()
-            # Fewer words is better: a negative difference is green ("up").
-            expected_class = "same" if own == base else ("up" if own < base else "down")
-            assert expected_class in delta.get_attribute("class")
-            text = delta.inner_text()
-            assert text == ("±0" if own == base else f"{'+' if own > base else '−'}{abs(own - base):g}")
+            if own == base:
+                expect(delta).to_be_hidden()  # only differences are marked
+            else:
+                expect(delta).to_be_visible()
+                # Fewer words is better: a negative difference is green ("up").
+                assert ("up" if own < base else "down") in delta.get_attribute("class")
+                assert delta.inner_text() == f"{'+' if own > base else '−'}{abs(own - base):g}"
+            differing = sum(
+                1
+                for name, value in row["outputs"]["t5"]["scores"].items()
+                if value is not None and row["outputs"]["causal"]["scores"].get(name) not in (None, value)
+            )
+            assert cell.locator(".delta:visible").count() == differing
             baseline_cell = page.locator(f'#grid tr[data-row="{row["index"]}"] td[data-label="causal"]')
             assert "baseline" in baseline_cell.get_attribute("class")
             assert baseline_cell.locator(".delta:visible").count() == 0

@@ -95,11 +95,17 @@ async function loadRanking() {
   body.replaceChildren();
   for (const r of data.ranking) {
     const tr = document.createElement("tr");
-    const interval = r.ci_low === null || r.ci_high === null ? "" : ` [${Math.round(r.ci_low)}, ${Math.round(r.ci_high)}]`;
+    const score = cell(String(Math.round(r.score)), "num");
+    if (r.ci_low !== null && r.ci_high !== null) {
+      const interval = document.createElement("span");
+      interval.className = "interval muted small nowrap";
+      interval.textContent = `[${Math.round(r.ci_low)}, ${Math.round(r.ci_high)}]`;
+      score.append(interval);
+    }
     tr.append(
       cell(String(r.rank)),
-      cell(r.label),
-      cell(`${Math.round(r.score)}${interval}`, "num nowrap"),
+      cell(r.label, "label-cell"),
+      score,
       cell(`${r.wins}/${r.ties}/${r.losses}`, "num nowrap"),
       cell(String(r.votes), "num"),
     );
@@ -114,15 +120,23 @@ async function loadRanking() {
   if (data.agreement?.judge && data.agreement.judge.compared) lines.push(["the judge", data.agreement.judge]);
   for (const [metric, a] of Object.entries(data.agreement?.metrics || {})) if (a.compared) lines.push([metric, a]);
   if (lines.length) {
-    const heading = document.createElement("h3");
-    heading.textContent = "How often votes agree with…";
-    const list = document.createElement("ul");
+    const box = document.createElement("details");
+    box.open = true;
+    const summary = document.createElement("summary");
+    summary.textContent = "How often votes agree with…";
+    const table = document.createElement("table");
+    table.className = "compact agreement";
     for (const [name, a] of lines) {
-      const li = document.createElement("li");
-      li.textContent = `${name}: ${a.agree} of ${a.compared} (${a.rate === null ? "–" : `${fmt(100 * a.rate)} %`})`;
-      list.append(li);
+      const tr = document.createElement("tr");
+      tr.append(
+        cell(name, "label-cell"),
+        cell(`${a.agree} of ${a.compared}`, "num nowrap"),
+        cell(a.rate === null ? "–" : `${Math.round(100 * a.rate)} %`, "num nowrap"),
+      );
+      table.append(tr);
     }
-    agreement.append(heading, list);
+    box.append(summary, table);
+    agreement.append(box);
   }
 }
 

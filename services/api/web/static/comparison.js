@@ -151,6 +151,7 @@ function controlState() {
     sort: value("g-sort"),
     sortA: value("g-sort-a"),
     sortB: value("g-sort-b"),
+    scores: value("g-scores"),
     baseline: value("g-baseline"),
     diff: value("g-diff"),
   };
@@ -228,18 +229,19 @@ function decorate(row, s) {
         continue;
       }
       const d = own - other;
+      // Only differences are marked: a "±0" on every equal score would drown the ones that matter.
+      delta.hidden = d === 0;
+      if (d === 0) continue;
       const good = betterSign(metric) * d;
-      delta.hidden = false;
-      delta.textContent = d === 0 ? "±0" : `${d > 0 ? "+" : "−"}${fmt(Math.abs(d))}`;
-      delta.className = `delta num ${good > 0 ? "up" : good < 0 ? "down" : "same"}`;
-      delta.title =
-        d === 0 ? `same as ${s.baseline}` : `${good > 0 ? "better" : "worse"} than ${s.baseline} by ${fmt(Math.abs(d))}`;
+      delta.textContent = `${d > 0 ? "+" : "−"}${fmt(Math.abs(d))}`;
+      delta.className = `delta num ${good > 0 ? "up" : "down"}`;
+      delta.title = `${good > 0 ? "better" : "worse"} than ${s.baseline} by ${fmt(Math.abs(d))}`;
     }
     showOutput(row, label, cell, s);
   }
 }
 
-const CONTROL_IDS = ["g-search", "g-metric", "g-show", "g-sort", "g-sort-a", "g-sort-b", "g-baseline", "g-diff"];
+const CONTROL_IDS = ["g-search", "g-metric", "g-show", "g-sort", "g-sort-a", "g-sort-b", "g-scores", "g-baseline", "g-diff"];
 
 function saveToHash(s) {
   const params = new URLSearchParams();
@@ -249,7 +251,17 @@ function saveToHash(s) {
 
 function loadFromHash() {
   const params = new URLSearchParams(location.hash.slice(1));
-  const ids = { search: "g-search", metric: "g-metric", show: "g-show", sort: "g-sort", sortA: "g-sort-a", sortB: "g-sort-b", baseline: "g-baseline", diff: "g-diff" };
+  const ids = {
+    search: "g-search",
+    metric: "g-metric",
+    show: "g-show",
+    sort: "g-sort",
+    sortA: "g-sort-a",
+    sortB: "g-sort-b",
+    scores: "g-scores",
+    baseline: "g-baseline",
+    diff: "g-diff",
+  };
   for (const [key, id] of Object.entries(ids)) {
     const value = params.get(key);
     const el = document.getElementById(id);
@@ -266,6 +278,7 @@ function setupGrid() {
     const s = controlState();
     document.getElementById("g-sort-a-field").hidden = s.sort === "row";
     document.getElementById("g-sort-b-field").hidden = s.sort !== "diff";
+    gridTable.classList.toggle("scores-selected", s.scores === "selected");
     const shown = [];
     for (const row of rows) {
       const visible = rowVisible(row, s);

@@ -57,14 +57,41 @@ export function diffWords(before, after) {
       ? [...midA.map((t) => ["del", t]), ...midB.map((t) => ["ins", t])]
       : lcsOps(midA, midB);
   const ops = [...a.slice(0, start).map((t) => ["eq", t]), ...middle, ...a.slice(endA).map((t) => ["eq", t])];
-  const merged = [];
-  for (const [kind, text] of ops) {
-    const last = merged[merged.length - 1];
-    // Whitespace between two changed words belongs to the change, so runs read as phrases.
-    if (last && last[0] === kind) last[1] += text;
-    else merged.push([kind, text]);
+  return groupChanges(ops);
+}
+
+const isSpace = (text) => /^\s+$/.test(text);
+
+/** Runs of changes separated only by spaces read as one replaced phrase, "old words" then
+ * "new words", instead of alternating single words; spaces inside a run go to both sides so
+ * either text can still be read back whole. */
+function groupChanges(ops) {
+  const out = [];
+  let removed = "";
+  let added = "";
+  const flush = () => {
+    if (removed) out.push(["del", removed]);
+    if (added) out.push(["ins", added]);
+    removed = "";
+    added = "";
+  };
+  for (let i = 0; i < ops.length; i++) {
+    const [kind, text] = ops[i];
+    const inRun = removed || added;
+    if (kind === "del") removed += text;
+    else if (kind === "ins") added += text;
+    else if (inRun && isSpace(text) && ops.slice(i + 1).find(([, t]) => !isSpace(t))?.[0] !== "eq" && i + 1 < ops.length) {
+      removed += text;
+      added += text;
+    } else {
+      flush();
+      const last = out[out.length - 1];
+      if (last && last[0] === "eq") last[1] += text;
+      else out.push(["eq", text]);
+    }
   }
-  return merged;
+  flush();
+  return out;
 }
 
 /** Render a diff into `element` with text nodes only (outputs are untrusted text). */
