@@ -14,14 +14,7 @@ from pathlib import Path
 
 from playwright.sync_api import Page, sync_playwright
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
+from scripts.browser import CHROMIUM, CHROMIUM_ARGS
 
 
 def shoot(page: Page, path: Path, *, full: bool = True) -> None:
@@ -31,7 +24,9 @@ def shoot(page: Page, path: Path, *, full: bool = True) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--votes", type=int, default=12)
@@ -39,7 +34,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         desktop = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=args.url)
         page = desktop.new_page()
         page.set_default_timeout(600_000)

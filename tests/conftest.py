@@ -5,6 +5,7 @@ afterwards. Every run uses its own Redis key prefix and queue, so runs never see
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,18 @@ from shared.client import ComparisonClient
 from tests.fixtures.tiny_models import build_all
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(autouse=True)
+def _forget_the_active_mlflow_experiment() -> Iterator[None]:
+    """Tests that read tables the notebook way call mlflow.set_experiment(), which is process-wide
+    (a module global and MLFLOW_EXPERIMENT_ID); a later mlflow.start_run(run_id=...) in another
+    experiment then refuses to start. Each test starts without one."""
+    yield
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    if fluent is not None:
+        fluent._active_experiment_id = None  # type: ignore[attr-defined]
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 @pytest.fixture(scope="session")

@@ -42,11 +42,13 @@ class ApiError(Exception):
 class InvalidComparison(ApiError):
     status_code = 422
     code = "invalid_request"
+    # What the refusal means for the client, before the first problems.
+    outcome = "The comparison was not queued."
 
     def __init__(self, fields: Sequence[FieldProblem]):
         summary = "; ".join(f"{f.field}: {f.message}" for f in fields[:3])
         more = f" (and {len(fields) - 3} more)" if len(fields) > 3 else ""
-        super().__init__(f"The comparison was not queued. {summary}{more}", fields=fields)
+        super().__init__(f"{self.outcome} {summary}{more}", fields=fields)
 
 
 class PayloadTooLarge(ApiError):

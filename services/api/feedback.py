@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from services.api.errors import ApiError, Conflict, FieldProblem, NotFound
+from services.api.errors import Conflict, FieldProblem, InvalidComparison, NotFound
 from services.api.queue import Publisher, QueueUnavailable
 from shared.arena import draw_matchup, encode_votes, judge_agreement, metric_agreement
 from shared.metrics import metric_registry
@@ -41,14 +41,8 @@ log = structlog.get_logger()
 OPEN_STATUSES = frozenset({ComparisonStatus.succeeded, ComparisonStatus.partially_failed})
 
 
-class InvalidFeedback(ApiError):
-    status_code = 422
-    code = "invalid_request"
-
-    def __init__(self, fields: Sequence[FieldProblem]):
-        summary = "; ".join(f"{f.field}: {f.message}" for f in fields[:3])
-        more = f" (and {len(fields) - 3} more)" if len(fields) > 3 else ""
-        super().__init__(f"Nothing was recorded. {summary}{more}", fields=fields)
+class InvalidFeedback(InvalidComparison):
+    outcome = "Nothing was recorded."
 
 
 @dataclass(frozen=True)

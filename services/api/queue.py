@@ -26,23 +26,16 @@ class Publisher:
         self.app.conf.update(celery_config(settings))
 
     def start_comparison(self, comparison_id: str) -> str:
-        try:
-            result = self.app.send_task(
-                START_COMPARISON,
-                kwargs={"comparison_id": comparison_id},
-                queue=self.settings.queue_name,
-                retry=True,
-                retry_policy=_PUBLISH_RETRY,
-            )
-        except (OperationalError, ConnectionError, OSError) as exc:
-            raise QueueUnavailable(str(exc)) from exc
-        return result.id
+        return self._send(START_COMPARISON, comparison_id)
 
     def log_feedback(self, comparison_id: str) -> str:
         """Queue logging the comparison's votes and ratings to its MLflow parent run."""
+        return self._send(LOG_FEEDBACK, comparison_id)
+
+    def _send(self, task_name: str, comparison_id: str) -> str:
         try:
             result = self.app.send_task(
-                LOG_FEEDBACK,
+                task_name,
                 kwargs={"comparison_id": comparison_id},
                 queue=self.settings.queue_name,
                 retry=True,

@@ -10,22 +10,9 @@ from structlog.testing import capture_logs
 
 from services.api import feedback
 from services.api.errors import Conflict, NotFound
-from services.api.queue import QueueUnavailable
 from shared.schemas import ComparisonStatus, MatchupCreate, RatingCreate, VoteCreate
 from shared.store import ComparisonStore
-from tests.fixtures.arena import AGREEMENT_VOTES, OUTPUTS, ROWS, write_comparison
-
-
-class RecordingPublisher:
-    def __init__(self, *, fail: bool = False):
-        self.fail = fail
-        self.logged: list[str] = []
-
-    def log_feedback(self, comparison_id: str) -> str:
-        if self.fail:
-            raise QueueUnavailable("broker down")
-        self.logged.append(comparison_id)
-        return f"task-{len(self.logged)}"
+from tests.fixtures.arena import AGREEMENT_VOTES, OUTPUTS, ROWS, RecordingPublisher, write_comparison
 
 
 @pytest.fixture

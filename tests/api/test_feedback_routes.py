@@ -14,16 +14,7 @@ from services.api.main import create_app
 from shared.schemas import ComparisonStatus
 from shared.settings import Settings
 from shared.store import ComparisonStore
-from tests.fixtures.arena import AGREEMENT_VOTES, OUTPUTS, write_comparison
-
-
-class RecordingPublisher:
-    def __init__(self) -> None:
-        self.logged: list[str] = []
-
-    def log_feedback(self, comparison_id: str) -> str:
-        self.logged.append(comparison_id)
-        return "task"
+from tests.fixtures.arena import AGREEMENT_VOTES, OUTPUTS, RecordingPublisher, write_comparison
 
 
 @pytest.fixture

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 from playwright.sync_api import Browser, sync_playwright
 
+from scripts.browser import CHROMIUM, CHROMIUM_ARGS
 from scripts.stack import Stack, free_port
 from shared.client import ComparisonClient
 from tests.conftest import _cleanup_prefix
@@ -71,19 +71,6 @@ def client(stack: Stack) -> Iterator[ComparisonClient]:
 def mlflow_client(stack: Stack) -> MlflowClient:
     mlflow.set_tracking_uri(stack.mlflow_url)
     return MlflowClient(stack.mlflow_url)
-
-
-CHROMIUM = Path("/usr/bin/chromium")
-# Without the background-networking flags Chromium keeps dialling Google's hosts, which this
-# network refuses; the tests must only ever talk to 127.0.0.1.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 
 
 @pytest.fixture(scope="package")

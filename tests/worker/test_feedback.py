@@ -19,16 +19,7 @@ from shared.schemas import RatingCreate, VoteCreate
 from shared.settings import Settings
 from shared.store import ComparisonStore
 from shared.tasks import LOG_FEEDBACK
-from tests.fixtures.arena import write_comparison
-
-
-class RecordingPublisher:
-    def __init__(self) -> None:
-        self.logged: list[str] = []
-
-    def log_feedback(self, comparison_id: str) -> str:
-        self.logged.append(comparison_id)
-        return "task"
+from tests.fixtures.arena import RecordingPublisher, write_comparison
 
 
 @pytest.fixture
