@@ -86,6 +86,10 @@ class ComparisonStore:
 
     # ---- keys
     def _key(self, comparison_id: str, *parts: str) -> str:
+        # ":" separates key parts: an id holding one would name another key (a candidate's hash
+        # read as a comparison), so no such comparison exists.
+        if ":" in comparison_id:
+            raise ComparisonNotFound(comparison_id)
         return ":".join((self.prefix, "cmp", comparison_id, *parts))
 
     @property
@@ -138,7 +142,10 @@ class ComparisonStore:
 
     # ---- reads
     def exists(self, comparison_id: str) -> bool:
-        return bool(self.r.exists(self._key(comparison_id)))
+        try:
+            return bool(self.r.exists(self._key(comparison_id)))
+        except ComparisonNotFound:
+            return False
 
     def get(self, comparison_id: str) -> dict[str, Any]:
         data = self.r.hgetall(self._key(comparison_id))

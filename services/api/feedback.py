@@ -56,9 +56,6 @@ class _Open:
 
 
 def _load(store: ComparisonStore, comparison_id: str) -> dict[str, Any]:
-    # ":" separates key parts: an id holding one would name another key (a candidate's hash).
-    if ":" in comparison_id:
-        raise NotFound(f"No comparison with id {comparison_id!r}")
     try:
         return store.get(comparison_id)
     except ComparisonNotFound:

@@ -90,6 +90,21 @@ class TestNavigation:
         assert response.status_code == 404
         assert "No comparison with id 'nope'" in page(response).text_content()
 
+    def test_an_id_naming_another_key_is_not_found(self, client, store):
+        # "{id}:cand:greedy" is a candidate's hash in Redis, not a comparison.
+        comparison_id = write_finished(store)
+        other_key = f"{comparison_id}:cand:greedy"
+        for path in (
+            f"/ui/comparisons/{other_key}",
+            f"/ui/comparisons/{other_key}/arena",
+            f"/v1/comparisons/{other_key}",
+            f"/v1/comparisons/{other_key}/results",
+            f"/v1/comparisons/{other_key}/events",
+            f"/v1/comparisons/{other_key}/votes",
+        ):
+            assert client.get(path).status_code == 404, path
+        assert client.post(f"/v1/comparisons/{other_key}/cancel").status_code == 404
+
 
 class TestList:
     def test_lists_newest_first_with_progress_and_filters(self, client, store):
