@@ -149,6 +149,7 @@ def main() -> int:
     print_metrics(final)
     print()
     print(f"Status: {final['status']}   wall time: {time.monotonic() - started:.1f}s")
+    print(f"Web page:  {args.api}/ui/comparisons/{created['id']}   (vote blind: …/arena)")
     print(f"MLflow UI: {final['mlflow']['url']}")
     print(f"CSV: {args.api}/v1/comparisons/{created['id']}/results?format=csv")
     print("The stack keeps running for you to explore; stop it with: make stop")
