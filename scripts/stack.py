@@ -111,6 +111,9 @@ class Stack:
             # service does not use) costs ~1.5 GB and minutes of CPU at start on two cores.
             MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
             PYTHONUNBUFFERED="1",
+            # The local stack is one person's: no API keys unless a caller turns auth on
+            # (extra_env AUTH_DISABLED=false). The compose stack has auth on.
+            AUTH_DISABLED=env.get("AUTH_DISABLED", "true"),
         )
         env.update(self.extra_env)
         return env
