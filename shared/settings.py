@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     queue_name: str = "llm-compare"
     key_prefix: str = "llmc"
 
+    # API keys are required unless this is set explicitly (the local `make dev` stack sets it).
+    auth_disabled: bool = False
+
     # LLM-as-judge: an OpenAI-compatible chat endpoint (vLLM, Ollama, OpenAI...) or a local model.
     # Set on the gateway too, which refuses judge metrics when no judge is configured.
     judge_base_url: str | None = None
