@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo dev stop status test test-fast lint format bench bench-metrics bench-submit up down clean
+.PHONY: install demo dev stop status test test-fast lint format bench bench-metrics bench-submit chaos up down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ install: $(STAMP)
 demo: install ## start what is not running, run the bundled comparison over HTTP, print the table
 	$(PY) -m scripts.demo
 
-dev: install ## start Redis (if needed), MLflow :5000, API :8000 and a worker in the background
+dev: install ## start Redis (if none answers; data in .run/redis), MLflow :5000, API :8000 and a worker in the background
 	$(PY) -m scripts.stack start
 
 stop: ## stop what `make dev` / `make demo` started
@@ -32,7 +32,7 @@ stop: ## stop what `make dev` / `make demo` started
 status:
 	$(PY) -m scripts.stack status
 
-test: install ## the whole suite (starts its own MLflow server, workers and API)
+test: install ## the whole suite (starts its own MLflow server, workers and API, and Redis if none answers)
 	$(PY) -m pytest
 
 test-fast: install ## everything but the end-to-end tests
@@ -64,11 +64,14 @@ bench-metrics: install ## cost of the default metric set next to generating 500 
 bench-submit: install ## 2,000 submissions from 50 clients against the gateway alone
 	$(PY) -m scripts.bench_submit
 
+chaos: install ## faults on purpose against real local processes, with figures (CHAOS_ARGS="kill9 redis")
+	$(PY) -m scripts.chaos $(CHAOS_ARGS)
+
 up: ## the full stack in containers (Redis, PostgreSQL, MLflow, API, workers)
 	docker compose up -d --build
 
 down:
 	docker compose down
 
-clean: stop
+clean: stop ## also deletes the local stack's data (.run: Redis, MLflow)
 	rm -rf .run $(LMEVAL_VENV)

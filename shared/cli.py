@@ -26,13 +26,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import httpx
+import redis
 import typer
 import yaml
 from rich import box
@@ -42,8 +43,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
+from shared.apikeys import KeyRecord, Quotas, Role, issue_key
 from shared.client import FINAL_STATUSES, ApiError, ComparisonClient
 from shared.schemas import ComparisonStatus
+from shared.settings import get_settings
+from shared.store import ComparisonStore
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -55,6 +59,8 @@ class ExitCode(IntEnum):
     not_succeeded = 1
     invalid = 2
     unreachable = 3
+    # No key, a wrong or revoked one, or a role too low for the command.
+    not_authorised = 4
     # What a shell reports for a command stopped by SIGINT.
     interrupted = 130
 
@@ -77,6 +83,7 @@ class SpecFileError(ValueError):
 class Cli:
     url: str
     json: bool
+    api_key: str | None
     # --url given on the command line: the commands suggested to the user repeat it.
     url_given: bool
     console: Console
@@ -118,7 +125,7 @@ class Cli:
     @contextmanager
     def session(self, *, what: str = "request") -> Iterator[ComparisonClient]:
         """A client whose transport and API errors end the command with the matching exit code."""
-        client = ComparisonClient(self.url)
+        client = ComparisonClient(self.url, api_key=self.api_key)
         try:
             yield client
         except (httpx.TransportError, httpx.InvalidURL) as exc:
@@ -146,6 +153,15 @@ class Cli:
                 "invalid_request",
                 f"{header}:" if fields else f"{header}: {message}",
                 lines=fields,
+                body=json_body,
+            )
+        if exc.status_code in (401, 403):
+            self.fail(
+                ExitCode.not_authorised,
+                str(body.get("error") or "unauthorized"),
+                f"The llm-compare API at {self.url} refused the key (HTTP {exc.status_code}): {message}",
+                hint="Pass an API key with --key or LLM_COMPARE_KEY; an operator creates one with "
+                "`llm-compare keys create --name <team> --role submitter`.",
                 body=json_body,
             )
         if exc.status_code == 503:
@@ -183,11 +199,22 @@ def _global_options(
         bool,
         typer.Option("--json", help="Print the API's JSON instead of tables; no progress bars."),
     ] = False,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--key",
+            envvar="LLM_COMPARE_KEY",
+            help="API key (sent as a Bearer token). Prefer the environment variable: a command line "
+            "is visible to other users of the machine.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     given = ctx.get_parameter_source("url")
     ctx.obj = Cli(
         url=url.rstrip("/"),
         json=json_output,
+        api_key=api_key or None,
         url_given=given is not None and given.name == "COMMANDLINE",
         console=Console(),
         err=Console(stderr=True),
@@ -604,7 +631,7 @@ def models(ctx: typer.Context) -> None:
     cli.console.print(
         Text(
             "A candidate's model may also be a Hugging Face id, a local directory or .gguf file, "
-            "or a models:/ or runs:/ MLflow URI.",
+            "or models:/<name>/<version> for a registered model the operator allowlisted.",
             style="dim",
         )
     )
@@ -896,6 +923,115 @@ def _print_links(cli: Cli, state: State, *, indent: str = "") -> None:
     for name, url in links:
         # Not wrapped by Rich, so that a long URL stays one piece to copy or click.
         cli.console.print(Text.assemble((f"{indent}{name:<10}", "bold"), url), soft_wrap=True)
+
+
+# ---------------------------------------------------------------- keys (operators)
+keys_app = typer.Typer(
+    help="API keys, for operators: they talk to the service's Redis (REDIS_URL, KEY_PREFIX), not "
+    "to the API, so run them where the service runs (e.g. `docker compose exec api llm-compare keys …`).",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
+
+
+def _key_store() -> ComparisonStore:
+    settings = get_settings()
+    return ComparisonStore.from_url(settings.redis_url, prefix=settings.key_prefix)
+
+
+def _key_row(record: KeyRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "name": record.name,
+        "role": record.role.value,
+        "created_at": record.created_at,
+        "last_used_at": record.last_used_at,
+        "revoked_at": record.revoked_at,
+        "quotas": {k: v for k, v in asdict(record.quotas).items() if v is not None},
+    }
+
+
+@keys_app.command("create")
+def keys_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option("--name", help="Who owns what the key submits, usually a team.")],
+    role: Annotated[Role, typer.Option("--role", help="reader, submitter or admin.")] = Role.submitter,
+    submissions_per_minute: Annotated[
+        int | None, typer.Option(min=1, help="Instead of RATE_LIMIT_SUBMISSIONS_PER_MINUTE for this key.")
+    ] = None,
+    max_running: Annotated[
+        int | None, typer.Option(min=1, help="Instead of MAX_RUNNING_COMPARISONS for this key.")
+    ] = None,
+) -> None:
+    """Create a key and print it, once: only its hash is stored."""
+    cli = _cli(ctx)
+    try:
+        record, key = issue_key(
+            _key_store(),
+            name=name,
+            role=role,
+            quotas=Quotas(submissions_per_minute=submissions_per_minute, max_running=max_running),
+        )
+    except ValueError as exc:
+        cli.fail(ExitCode.invalid, "invalid_request", str(exc))
+    except redis.RedisError as exc:
+        cli.fail(ExitCode.unreachable, "unavailable", f"Cannot reach Redis at REDIS_URL: {exc}")
+    if cli.json:
+        cli.emit({**_key_row(record), "key": key})
+        return
+    cli.console.print(
+        Text.assemble("Created key ", (record.id, "bold"), f" for {record.name} ({record.role.value}):")
+    )
+    cli.console.print(Text(key, style="bold green"), soft_wrap=True)
+    cli.console.print(
+        Text("It is shown this once; store it now (LLM_COMPARE_KEY for the command line).", style="dim")
+    )
+
+
+@keys_app.command("list")
+def keys_list(ctx: typer.Context) -> None:
+    """Every key: id, name, role, when created and last used, revoked or not. Never the keys."""
+    cli = _cli(ctx)
+    try:
+        records = _key_store().api_keys()
+    except redis.RedisError as exc:
+        cli.fail(ExitCode.unreachable, "unavailable", f"Cannot reach Redis at REDIS_URL: {exc}")
+    if cli.json:
+        cli.emit([_key_row(r) for r in records])
+        return
+    table = _plain_table()
+    for column in ("id", "name", "role", "created", "last used", "state"):
+        table.add_column(column)
+    for record in records:
+        table.add_row(
+            record.id,
+            Text(record.name),
+            record.role.value,
+            _when(record.created_at, compact=True),
+            _when(record.last_used_at, compact=True) if record.last_used_at else Text("never", style="dim"),
+            Text("revoked", style="red") if record.revoked_at else Text("active", style="green"),
+        )
+    cli.console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(ctx: typer.Context, key_id: Annotated[str, typer.Argument(metavar="KEY_ID")]) -> None:
+    """Revoke a key at once: its next request gets a 401."""
+    cli = _cli(ctx)
+    try:
+        revoked = _key_store().revoke_api_key(key_id)
+    except redis.RedisError as exc:
+        cli.fail(ExitCode.unreachable, "unavailable", f"Cannot reach Redis at REDIS_URL: {exc}")
+    if not revoked:
+        cli.fail(
+            ExitCode.not_succeeded,
+            "not_found",
+            f"No active key with id {key_id!r} (see `llm-compare keys list`)",
+        )
+    if cli.json:
+        cli.emit({"id": key_id, "revoked": True})
+    else:
+        cli.console.print(Text.assemble("Revoked key ", (key_id, "bold")))
 
 
 def main() -> None:

@@ -56,10 +56,11 @@ def parse_sse(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
 
 
 class ComparisonClient:
-    def __init__(self, base_url: str, *, timeout: float = 30.0):
+    def __init__(self, base_url: str, *, timeout: float = 30.0, api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 
     def __enter__(self) -> ComparisonClient:
         return self
@@ -72,8 +73,11 @@ class ComparisonClient:
             raise ApiError(response)
         return response
 
-    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return self._check(self.http.post("/v1/comparisons", json=spec)).json()
+    def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
+        """Queue a comparison. With ``idempotency_key``, sending the same spec again (say after a
+        timeout) returns the first comparison instead of queueing a second."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._check(self.http.post("/v1/comparisons", json=spec, headers=headers)).json()
 
     def submit_file(self, spec: dict[str, Any], filename: str, content: bytes) -> dict[str, Any]:
         files = {"file": (filename, content)}

@@ -302,7 +302,9 @@ DEFAULT_METRICS: list[str] = [name for name, info in METRICS.items() if info.def
 
 def metric_registry(redis_client: Any, prefix: str) -> dict[str, MetricInfo]:
     """Built-in metrics plus the custom ones that workers have published to Redis."""
-    published = redis_client.hgetall(f"{prefix}:metrics:custom") or {}
+    from shared.store import ComparisonStore  # the store owns the key; it imports schemas
+
+    published = ComparisonStore(redis_client, prefix=prefix).published_custom_metrics()
     known = {f.name for f in fields(MetricInfo)}
     custom = {}
     for name, raw in published.items():

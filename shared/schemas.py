@@ -7,10 +7,40 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 ModelType = Literal["text", "question-answering", "text-summarization"]
+
+# Hard ceilings of a request, whatever the settings say: they let a hostile body be refused by
+# its shape before thousands of items are validated one by one.
+MAX_CANDIDATES_CEILING = 64
+MAX_METRICS = 64
+MAX_TAGS = 50
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def text_problem(value: str) -> str | None:
+    """Why a string cannot be stored and passed on, or None. JSON's \\u0000 and unpaired
+    \\ud800-\\udfff escapes decode to Python strings that Redis cannot encode as UTF-8 and that
+    PostgreSQL (the MLflow backend) refuses."""
+    if "\x00" in value:
+        return "must not contain NUL characters (\\u0000)"
+    if _SURROGATE.search(value):
+        return "must be valid Unicode: it holds an unpaired surrogate (\\ud800-\\udfff)"
+    return None
+
+
+def _clean_text(value: str) -> str:
+    problem = text_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+# Every free-text field of a request: no NUL, no unpaired surrogate.
+Text = Annotated[str, AfterValidator(_clean_text)]
 
 
 class ComparisonStatus(StrEnum):
@@ -52,32 +82,81 @@ FINAL_CANDIDATE_STATES = frozenset(
 class GenerationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(64, ge=1, description="Upper bound on generated tokens per row.")
+    max_new_tokens: int = Field(
+        64,
+        ge=1,
+        description="Upper bound on generated tokens per row (at most the service's MAX_NEW_TOKENS).",
+    )
     do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(50, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0)
-    seed: int = Field(0, ge=0)
-    stop: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        le=10,
+        description="Sampling temperature, 0.01 to 10. Logits are divided by it: below 0.01 they "
+        "overflow (set do_sample to false for greedy decoding instead), and above 10 sampling is "
+        "close to uniform noise over the top_k tokens.",
+    )
+    top_p: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Nucleus sampling: keep the fewest tokens whose probability reaches top_p.",
+    )
+    top_k: int = Field(
+        50,
+        ge=0,
+        le=1000,
+        description="Sample among the k most likely tokens, at most 1000 (0 samples the whole "
+        "vocabulary). Past a few hundred the extra tokens carry next to no probability, while the "
+        "per-step top-k selection grows with k.",
+    )
+    repetition_penalty: float = Field(
+        1.0,
+        ge=0.5,
+        le=5,
+        description="1.0 is off; above 1 discourages repeating tokens (1.1-1.3 is usual), below 1 "
+        "encourages it. Outside 0.5-5 it swamps the model's own preferences.",
+    )
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**32,
+        description="Seed of the sampler, 0 to 2**32 - 1: the range the worker's random generators "
+        "(torch, NumPy) all accept.",
+    )
+    stop: list[Annotated[Text, Field(min_length=1, max_length=100)]] = Field(
         default_factory=list,
         max_length=8,
         description="Strings that end a row's output; the output is cut before the first one.",
     )
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_not_vanishing(cls, value: float) -> float:
+        if value < 0.01:
+            raise ValueError(
+                "temperature must be at least 0.01 (smaller ones overflow the logits); "
+                "for greedy decoding set do_sample to false"
+            )
+        return value
 
 
 class CandidateSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     label: str = Field(pattern=LABEL_PATTERN, description="Unique name of this candidate.")
-    model: str = Field(
+    model: Text = Field(
         min_length=1,
+        max_length=1000,
         description="Catalog name, Hugging Face hub id, local directory, .gguf file path, "
-        "or models:/ / runs:/ MLflow URI.",
+        "or models:/<name>/<version> (or /latest, @<alias>) for a registered MLflow model on the "
+        "operator's MLFLOW_MODEL_ALLOWLIST.",
     )
-    revision: str | None = None
-    prompt_template: str = "{input}"
-    system_prompt: str | None = None
+    revision: Text | None = Field(None, min_length=1, max_length=256)
+    prompt_template: Text = Field(
+        "{input}", description="Must contain {input}; at most the service's MAX_PROMPT_CHARS characters."
+    )
+    system_prompt: Text | None = Field(None, description="At most the service's MAX_PROMPT_CHARS characters.")
     use_chat_template: Literal["auto"] | bool = "auto"
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
@@ -94,22 +173,34 @@ class CandidateSpec(BaseModel):
 class DatasetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    rows: list[dict[str, Any]]
+    rows: list[dict[str, Any]] = Field(
+        description="One object per row: 'input', optional 'reference', other columns for the template. "
+        "Cells are text, numbers, booleans or null; at most the service's MAX_ROWS rows, "
+        "MAX_COLUMNS columns and MAX_CELL_CHARS characters a cell.",
+        json_schema_extra={"minItems": 1},
+    )
 
 
 class ComparisonCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("comparison", min_length=1, max_length=200)
-    experiment: str | None = Field(None, min_length=1, max_length=200)
+    name: Text = Field("comparison", min_length=1, max_length=200)
+    experiment: Text | None = Field(None, min_length=1, max_length=200)
     model_type: ModelType | None = None
-    candidates: list[CandidateSpec]
+    candidates: list[CandidateSpec] = Field(
+        max_length=MAX_CANDIDATES_CEILING,
+        description="At least 2; at most the service's MAX_CANDIDATES.",
+        # Documented for clients; the service's own check refuses fewer with a clearer message.
+        json_schema_extra={"minItems": 2},
+    )
     dataset: DatasetSpec
-    metrics: list[str] | None = None
-    regex: str | None = Field(
+    metrics: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(
+        None, max_length=MAX_METRICS
+    )
+    regex: Text | None = Field(
         None, max_length=2000, description="Pattern for the regex_match metric (Python re.search)."
     )
-    judge_rubric: str | None = Field(
+    judge_rubric: Text | None = Field(
         None, min_length=10, max_length=4000, description="Rubric for the judge_rubric metric (1-5 scale)."
     )
     cache: bool = Field(
@@ -120,7 +211,13 @@ class ComparisonCreate(BaseModel):
         description="Have the judge compare every two candidates row by row (asked twice, order swapped) "
         "and rank them with Bradley-Terry.",
     )
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: dict[Text, Text] = Field(
+        default_factory=dict,
+        max_length=MAX_TAGS,
+        description="Set on the MLflow runs. Keys: up to 250 letters, digits, '_', '-', '.', ' ', ':' "
+        "or '/', not starting with 'mlflow.' or 'llm_compare.' (reserved); values up to 8000 "
+        "characters.",
+    )
 
 
 class Progress(BaseModel):
@@ -136,7 +233,13 @@ class CandidateStatus(BaseModel):
     model: str
     status: CandidateState
     progress: Progress
-    metrics: dict[str, float] = Field(default_factory=dict)
+    # Null for a metric that could not be scored (see metrics_unavailable).
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+    metrics_unavailable: dict[str, str] = Field(
+        default_factory=dict,
+        description="Metrics left unscored, with why (e.g. the LLM judge stayed unavailable); the "
+        "candidate still succeeded and its other metrics stand",
+    )
     # Per metric: n (rows scored), mean (for a binary 0/1 metric, the share of rows scoring 1),
     # std (sample), stderr, and a 95% interval of the mean, ci_low..ci_high, made as ci_method
     # says: "wilson" (Wilson score interval, binary metrics) or "bootstrap" (seeded percentile
@@ -216,7 +319,20 @@ class ComparisonRead(BaseModel):
     candidates: list[CandidateStatus]
     pairwise: list[PairwiseComparison] = Field(default_factory=list)
     judge_ranking: JudgeRanking | None = None
+    judge_ranking_unavailable: str | None = Field(
+        None,
+        description="Why judge_ranking is null although pairwise_judge was asked for (e.g. the judge "
+        "stayed unavailable); the comparison itself is not failed by it",
+    )
     error: str | None = None
+    owner: str = Field("local", description="Who submitted it: the name of its API key (usually a team)")
+
+
+class AuditRead(BaseModel):
+    events: list[dict[str, str]] = Field(
+        description="Oldest first: at, actor (the key's name), action (submitted, cancelled, voted, "
+        "rated), key_id and details"
+    )
 
 
 class ComparisonPage(BaseModel):

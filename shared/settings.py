@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -29,6 +29,12 @@ class Settings(BaseSettings):
 
     # API keys are required unless this is set explicitly (the local `make dev` stack sets it).
     auth_disabled: bool = False
+    # Per API key (a key may carry its own): submissions a minute, comparisons queued or running.
+    rate_limit_submissions_per_minute: int = Field(60, ge=1)
+    max_running_comparisons: int = Field(10, ge=1)
+    # Per comparison: rows × max_new_tokens summed over candidates, and calls to the LLM judge.
+    max_generated_tokens: int = Field(4_000_000, ge=1)
+    max_judge_calls: int = Field(20_000, ge=0)
 
     # LLM-as-judge: an OpenAI-compatible chat endpoint (vLLM, Ollama, OpenAI...) or a local model.
     # Set on the gateway too, which refuses judge metrics when no judge is configured.
@@ -36,19 +42,45 @@ class Settings(BaseSettings):
     judge_model: str | None = None
     judge_api_key: str | None = None
     judge_local_model: str | None = None
+    # One judge request, retries apart: the whole reply must arrive within this many seconds.
+    judge_timeout_s: float = Field(60.0, gt=0)
+    # Retries of a request the judge answered with 429 or 5xx, or not at all, with exponential
+    # back-off and jitter from judge_retry_base_s. A Retry-After is honoured up to
+    # judge_retry_max_s; a longer one, or a request still failing after the retries, makes the
+    # judge unavailable for the rest of that candidate (its judge metrics are left unscored).
+    judge_max_retries: int = Field(4, ge=0, le=10)
+    judge_retry_base_s: float = Field(1.0, ge=0)
+    judge_retry_max_s: float = Field(30.0, ge=0)
 
     # Limits enforced at submit time
-    max_candidates: int = Field(8, ge=2)
+    # A request holds at most 64 candidates whatever this says (shared/schemas.py), so a body
+    # of thousands is refused before each one is validated.
+    max_candidates: int = Field(8, ge=2, le=64)
     max_rows: int = Field(2000, ge=1)
     max_new_tokens: int = Field(1024, ge=1)
+    # Counted while the body streams in, chunked or not; an upload's file counts towards it.
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    # A rendered prompt: the template filled with one row, plus the system prompt. Also bounds
+    # prompt_template and system_prompt themselves. Every prompt is rendered into every row, so
+    # a long one costs rows x candidates on the workers.
     max_prompt_chars: int = Field(20_000, ge=1)
+    # Any one dataset cell (input, reference or another column), and columns per row.
+    max_cell_chars: int = Field(20_000, ge=1)
+    max_columns: int = Field(32, ge=1)
+    # Checked on the worker once the candidate's tokenizer is known: a longer rendered prompt
+    # fails the candidate before it generates (so does one that, with max_new_tokens, does not
+    # fit the model's context length).
+    max_prompt_tokens: int = Field(8192, ge=1)
     default_experiment: str = "llm-compare"
 
     # Local paths a candidate may load from (directories or .gguf files below these).
     model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [Path("/models")])
     # Python modules whose METRICS list adds metrics (see examples/custom_metrics.py).
     custom_metric_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Registered MLflow model names candidates may load (models:/<name>/<version>, /latest or
+    # @<alias>); comma-separated. Empty: no MLflow model is accepted. A logged model's files
+    # are chosen by whoever logged it, so only names an operator vetted reach a worker.
+    mlflow_model_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Worker behaviour
     # De-quantised copies of GGUF files, so each file is converted once per host.
@@ -70,10 +102,30 @@ class Settings(BaseSettings):
     # Longest a single candidate task may run; the broker's visibility timeout sits above it
     # so that a task is only redelivered when its worker really died.
     task_time_limit_s: int = Field(3 * 3600, ge=60)
-    # A running candidate renews its lease after every batch; a redelivered copy waits until the
-    # lease lapses (its worker died) before taking over. Keep it above the slowest batch.
-    candidate_lease_s: int = Field(600, ge=5)
+    # A running step's lease is renewed by a heartbeat thread every third of this; a redelivered
+    # copy waits until the lease lapses (its process died) before taking over, so this bounds how
+    # long a killed worker's candidate stays locked. Keep it above the longest pause of a process
+    # (a stall this long counts as death, and the stalled process stops writing). The heartbeat
+    # is a thread that generation does not block (torch releases the GIL), so 20 s is ample.
+    candidate_lease_s: int = Field(20, ge=3)
+    # The reconciler queues a lost step again at most this often.
     task_max_retries: int = Field(3, ge=0)
+    # Transient failures (Redis, the broker, the MLflow server) are retried this often with
+    # exponential back-off capped at 60 s and full jitter: 10 tries wait about four minutes in
+    # all, which rides out a restart of Redis or of the MLflow server.
+    transient_max_retries: int = Field(10, ge=0)
+    # On SIGTERM a worker gives its running tasks this long to finish, then stops them and hands
+    # their messages back to the queue (Celery's soft shutdown). Keep the orchestrator's grace
+    # period (docker stop_grace_period, Kubernetes terminationGracePeriodSeconds) above it.
+    worker_soft_shutdown_s: float = Field(10.0, ge=0, le=300)
+    # Starts of a candidate that killed their worker process (out of memory, SIGKILL) before the
+    # candidate fails instead of being delivered again.
+    max_worker_deaths: int = Field(2, ge=0)
+    # Every worker runs the reconciler in its main process; across workers one sweep runs per
+    # period. A step with no live lease and no task queued for it is requeued (or failed, or
+    # finalised) once it has looked abandoned for the grace period.
+    reconcile_interval_s: float = Field(15.0, gt=0)
+    reconcile_grace_s: float = Field(30.0, ge=0)
     result_ttl_s: int = Field(30 * 24 * 3600, ge=60)
 
     @field_validator("custom_metric_modules", mode="before")
@@ -81,6 +133,15 @@ class Settings(BaseSettings):
     def _split_modules(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.replace(",", ":").split(":") if part.strip()]
+        return value
+
+    @field_validator("mlflow_model_allowlist", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("model_roots", mode="before")
@@ -105,8 +166,19 @@ class Settings(BaseSettings):
     def judge_configured(self) -> bool:
         return bool((self.judge_base_url and self.judge_model) or self.judge_local_model)
 
+    @model_validator(mode="after")
+    def _delivery_limits_agree(self) -> Settings:
+        if self.candidate_lease_s * 2 > self.task_time_limit_s:
+            raise ValueError(
+                f"CANDIDATE_LEASE_S ({self.candidate_lease_s}) must be at most half of "
+                f"TASK_TIME_LIMIT_S ({self.task_time_limit_s})"
+            )
+        return self
+
     @property
     def visibility_timeout_s(self) -> int:
+        # The broker redelivers an unacknowledged task after this: above the longest a task may
+        # run, so that a slow but alive worker is never duplicated by the broker.
         return self.task_time_limit_s + 600
 
     @property

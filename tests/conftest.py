@@ -1,11 +1,13 @@
 """Shared fixtures. Integration fixtures start real processes (MLflow server, Celery workers,
-the API under uvicorn) on free ports, against the Redis that runs on this machine, and stop them
-afterwards. Every run uses its own Redis key prefix and queue, so runs never see each other."""
+the API under uvicorn) on free ports, against the Redis at REDIS_URL (or, when none answers there,
+one the session starts itself), and stop them afterwards. Every run uses its own Redis key prefix
+and queue, so runs never see each other."""
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +17,11 @@ import redis
 
 # The tests talk to MLflow servers too; keep its telemetry thread (and its os.environ edits) out.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# mlflow.set_tracking_uri(None) falls back to this variable, else to ./mlflow.db in the working
+# directory: keep whatever a test logs there out of the checkout.
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefix='llmc-tests-')}/mlflow.db")
 
-from scripts.stack import Stack, free_port, redis_answers
+from scripts.stack import Stack, free_port, redis_for_tests
 from shared.client import ComparisonClient
 from tests.fixtures.tiny_models import build_all
 
@@ -36,10 +41,20 @@ def _forget_the_active_mlflow_experiment() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    if not redis_answers(REDIS_URL):
-        pytest.fail(f"These tests need Redis at {REDIS_URL} (set REDIS_URL)")
-    return REDIS_URL
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The Redis at REDIS_URL; when none answers, one of the session's own (append-only, data in
+    a temporary directory), stopped at the end. REDIS_URL then names it for code that reads the
+    environment; the stacks the fixtures start get it from here."""
+    with redis_for_tests(REDIS_URL, tmp_path_factory.mktemp("redis")) as url:
+        previous = os.environ.get("REDIS_URL")
+        os.environ["REDIS_URL"] = url
+        try:
+            yield url
+        finally:
+            if previous is None:
+                os.environ.pop("REDIS_URL", None)
+            else:
+                os.environ["REDIS_URL"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ up on the first `docker compose up`.
 
 from __future__ import annotations
 
+import configparser
 import re
 import subprocess
 import tomllib
@@ -33,6 +34,9 @@ ENV_ALLOW_LIST = {
     "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK",
     "MLFLOW_DISABLE_TELEMETRY",
     "PYTHONUNBUFFERED",
+    # The workers' MLflow account on the basic-auth server, read by the MLflow client.
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
 }
 
 
@@ -57,6 +61,15 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
     if isinstance(env, list):
         env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
     return {name: str(value) for name, value in env.items()}
+
+
+DEFAULTED_VARIABLE = r"\$\{[A-Z][A-Z0-9_]*:-([^}$]+)\}"
+
+
+def interpolate_default(value: str | None) -> str:
+    """What compose makes of ``${NAME:-default}`` when NAME is unset."""
+    assert value is not None
+    return re.sub(DEFAULTED_VARIABLE, r"\1", value)
 
 
 def options(args: list[str]) -> dict[str, str | None]:
@@ -135,7 +148,28 @@ def test_redis_persists_with_append_only_file(services: dict[str, Any]) -> None:
     command = services["redis"]["command"]
     assert command[0] == "redis-server"
     assert options(command)["--appendonly"] == "yes"
+    assert options(command)["--appendfsync"] == "everysec"
     assert volume_mounts(services["redis"])["/data"] == "redis-data"
+
+
+def test_redis_never_evicts(services: dict[str, Any]) -> None:
+    compose_options = options(services["redis"]["command"])
+    assert compose_options["--maxmemory-policy"] == "noeviction"
+    # Capped, with a default when REDIS_MAXMEMORY is unset.
+    assert compose_options["--maxmemory"] == "${REDIS_MAXMEMORY:-1gb}"
+
+
+def test_redis_matches_the_local_stack(services: dict[str, Any], stack: Stack) -> None:
+    command = services["redis"]["command"]
+    local = stack.redis_command("redis-server", 6379, "/data")
+    assert command[0] == local[0]
+    compose_options = options(command)
+    local_options = options(local)
+    # Where it listens and keeps its files is the container's business.
+    for flag in ("--bind", "--port", "--dir"):
+        local_options.pop(flag)
+    compose_options["--maxmemory"] = interpolate_default(compose_options["--maxmemory"])
+    assert compose_options == local_options
 
 
 @pytest.mark.parametrize("name", [*CORE_SERVICES, "worker-gpu"])
@@ -150,14 +184,20 @@ def test_dependencies_wait_for_health(services: dict[str, Any], name: str) -> No
     assert isinstance(depends_on, dict), "the list form only waits for the container to start"
     assert depends_on
     for dependency, spec in depends_on.items():
+        if dependency == "mlflow-users":  # a one-shot job: wait for it to have succeeded
+            assert spec == {"condition": "service_completed_successfully"}, name
+            continue
         assert spec == {"condition": "service_healthy"}, (name, dependency)
         assert "healthcheck" in services[dependency]
 
 
 def test_dependency_graph(services: dict[str, Any]) -> None:
     assert set(services["mlflow"]["depends_on"]) == {"postgres"}
-    for name in APP_SERVICES:
-        assert set(services[name]["depends_on"]) == {"redis", "mlflow"}
+    assert set(services["mlflow-users"]["depends_on"]) == {"mlflow"}
+    assert set(services["api"]["depends_on"]) == {"redis", "mlflow"}
+    for name in WORKERS:
+        # Workers log in to MLflow with the user mlflow-users creates.
+        assert set(services[name]["depends_on"]) == {"redis", "mlflow", "mlflow-users"}
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -208,6 +248,8 @@ def test_mlflow_matches_local_server_on_postgres(services: dict[str, Any], stack
     assert command[1] == local[1] == "server"
     compose_options = options(command)
     allowed_hosts = compose_options.pop("--allowed-hosts")
+    # The one difference from the local stack: users and permissions (see test_mlflow_auth.py).
+    assert compose_options.pop("--app-name") == "basic-auth"
     assert compose_options == options(local)
     assert "--serve-artifacts" in compose_options
     assert compose_options["--backend-store-uri"].startswith("postgresql://")
@@ -272,10 +314,35 @@ def test_named_volumes_are_declared(compose: dict[str, Any], services: dict[str,
                 assert source in declared, (name, source)
 
 
+REQUIRED_VARIABLE = r"\$\{[A-Z][A-Z0-9_]*:\?[^}$]+\}"
+
+
 def test_no_unescaped_interpolation() -> None:
-    # There is no .env file: a lone $ would be replaced by compose with an empty string.
+    # A lone $ would be replaced by compose with an empty string when unset. Only
+    # ${NAME:-default} (falls back to its default) and ${NAME:?message} (refuses to start, for
+    # the passwords .env must set) may read the caller's environment.
     text = re.sub(r"\$\$", "", COMPOSE_FILE.read_text())
+    text = re.sub(DEFAULTED_VARIABLE, "", text)
+    text = re.sub(REQUIRED_VARIABLE, "", text)
     assert "$" not in text
+
+
+def seconds(duration: str) -> float:
+    """A compose duration such as ``1m30s`` or ``90s``, in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+@pytest.mark.parametrize("name", WORKERS)
+def test_workers_get_time_to_hand_their_work_back(services: dict[str, Any], name: str) -> None:
+    """docker stop sends SIGTERM, then SIGKILL after stop_grace_period: the soft shutdown (running
+    tasks finish or are requeued) must fit in it, with room for the pool to stop; and not much
+    more, so that a redeploy hands work over within a minute."""
+    service = services[name]
+    settings = settings_from(environment(service))
+    assert settings.worker_soft_shutdown_s + 30 <= seconds(service["stop_grace_period"]) <= 60
 
 
 # ------------------------------------------------------------------------------------ scaling, gpu
@@ -350,9 +417,10 @@ def test_worker_image_pins_match_pyproject(services: dict[str, Any]) -> None:
 def test_mlflow_image_matches_the_client(services: dict[str, Any]) -> None:
     runs = " ".join(run_lines(dockerfile_of(services["mlflow"])))
     assert "psycopg2" in runs
-    assert "mlflow==3.17.2" in runs
+    assert '"mlflow[auth]==3.17.2"' in runs
     # The server and the workers' client must be the same release.
-    assert pin("server", "mlflow") == pin("worker", "mlflow") == "mlflow==3.17.2"
+    assert pin("server", "mlflow") == "mlflow[auth]==3.17.2"
+    assert pin("worker", "mlflow") == "mlflow==3.17.2"
 
 
 # ------------------------------------------------------------------------------------ docker
@@ -381,3 +449,63 @@ def test_api_image_serves_the_pages(services: dict[str, Any]) -> None:
     assert any(args.startswith("demo ") for args in copies)
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert "demo" not in ignored and not any(p.startswith("services") for p in ignored)
+
+
+# ------------------------------------------------------------------------------------ security
+def test_only_the_api_is_published(services: dict[str, Any]) -> None:
+    published = {name: service["ports"] for name, service in services.items() if service.get("ports")}
+    assert published == {"api": ["8000:8000"]}
+    override = yaml.safe_load((ROOT / "docker-compose.mlflow-ui.yml").read_text())
+    assert override["services"] == {"mlflow": {"ports": ["5000:5000"]}}
+
+
+def test_api_keys_are_required(services: dict[str, Any]) -> None:
+    env = environment(services["api"])
+    assert env["AUTH_DISABLED"] == "false"
+    assert settings_from(env).auth_disabled is False
+    for name in WORKERS:
+        assert "AUTH_DISABLED" not in environment(services[name])
+
+
+REQUIRED_SECRET = r"^\$\{{{name}:\?.+\}}$"
+
+
+def test_mlflow_runs_basic_auth_with_secrets_from_env(services: dict[str, Any]) -> None:
+    mlflow = services["mlflow"]
+    assert options(mlflow["command"])["--app-name"] == "basic-auth"
+    # No password in the file: compose refuses to start until .env sets them.
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert re.match(REQUIRED_SECRET.format(name=name), environment(mlflow)[name]), name
+    users = services["mlflow-users"]
+    assert users["command"] == ["python", "/opt/mlflow/users.py"]
+    assert environment(users)["MLFLOW_WORKER_USERNAME"] == "llm-compare"
+    assert re.match(
+        REQUIRED_SECRET.format(name="MLFLOW_WORKER_PASSWORD"), environment(users)["MLFLOW_WORKER_PASSWORD"]
+    )
+    for name in WORKERS:
+        env = environment(services[name])
+        assert env["MLFLOW_TRACKING_USERNAME"] == environment(users)["MLFLOW_WORKER_USERNAME"]
+        assert env["MLFLOW_TRACKING_PASSWORD"] == environment(users)["MLFLOW_WORKER_PASSWORD"]
+    example = (ROOT / ".env.example").read_text()
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_WORKER_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert f"\n{name}=" in example
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+    assert ".env" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_mlflow_auth_config_is_in_the_image(services: dict[str, Any]) -> None:
+    dockerfile = dockerfile_of(services["mlflow"])
+    copies = instruction_args(dockerfile, "COPY")
+    assert "services/mlflow/basic_auth.ini /etc/mlflow/basic_auth.ini" in copies
+    assert "services/mlflow/users.py /opt/mlflow/users.py" in copies
+    assert "MLFLOW_AUTH_CONFIG_PATH=/etc/mlflow/basic_auth.ini" in instruction_args(dockerfile, "ENV")
+    config = configparser.ConfigParser()
+    config.read(ROOT / "services/mlflow/basic_auth.ini")
+    assert config["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    # Its database is created by the postgres init script, with the tracking store's credentials.
+    env = environment(services["postgres"])
+    user, password = env["POSTGRES_USER"], env["POSTGRES_PASSWORD"]
+    assert config["mlflow"]["database_uri"] == f"postgresql://{user}:{password}@postgres:5432/mlflow_auth"
+    assert "CREATE DATABASE mlflow_auth" in (ROOT / "services/postgres/init.sql").read_text()
+    mounts = volume_mounts(services["postgres"])
+    assert mounts["/docker-entrypoint-initdb.d/10-mlflow-auth.sql"] == "./services/postgres/init.sql"

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi.concurrency import run_in_threadpool
 
 from services.api import service
+from services.api.auth import Principal
 from shared.settings import Settings
 from shared.store import ComparisonStore
 
@@ -31,6 +32,7 @@ async def comparison_events(
     comparison_id: str,
     store: ComparisonStore,
     settings: Settings,
+    principal: Principal,
     is_disconnected: Callable[[], Awaitable[bool]],
     poll_s: float = 0.5,
     keepalive_s: float = 15.0,
@@ -42,7 +44,11 @@ async def comparison_events(
     last_sent = time.monotonic()
     while True:
         state = await run_in_threadpool(
-            service.read_comparison, comparison_id=comparison_id, store=store, settings=settings
+            service.read_comparison,
+            comparison_id=comparison_id,
+            store=store,
+            settings=settings,
+            principal=principal,
         )
         payload = state.model_dump_json()
         if state.status.is_final:

@@ -16,8 +16,10 @@ from typing import Any
 
 import structlog
 
-from services.api.errors import Conflict, FieldProblem, InvalidComparison, NotFound
+from services.api.auth import Principal
+from services.api.errors import Conflict, FieldProblem, InvalidComparison
 from services.api.queue import Publisher, QueueUnavailable
+from services.api.service import load_owned
 from shared.arena import draw_matchup, encode_votes, judge_agreement, metric_agreement
 from shared.metrics import metric_registry
 from shared.ranking import ARENA_METHOD, arena_ranking
@@ -33,7 +35,7 @@ from shared.schemas import (
     VoteRead,
     VotesRead,
 )
-from shared.store import ComparisonNotFound, ComparisonStore, utcnow
+from shared.store import ComparisonStore, utcnow
 
 log = structlog.get_logger()
 
@@ -55,11 +57,8 @@ class _Open:
     succeeded: list[str]
 
 
-def _load(store: ComparisonStore, comparison_id: str) -> dict[str, Any]:
-    try:
-        return store.get(comparison_id)
-    except ComparisonNotFound:
-        raise NotFound(f"No comparison with id {comparison_id!r}") from None
+def _load(store: ComparisonStore, comparison_id: str, principal: Principal) -> dict[str, Any]:
+    return load_owned(store, comparison_id, principal)
 
 
 def _succeeded(store: ComparisonStore, comparison_id: str, labels: list[str]) -> list[str]:
@@ -70,8 +69,8 @@ def _succeeded(store: ComparisonStore, comparison_id: str, labels: list[str]) ->
     ]
 
 
-def _open(store: ComparisonStore, comparison_id: str) -> _Open:
-    record = _load(store, comparison_id)
+def _open(store: ComparisonStore, comparison_id: str, principal: Principal) -> _Open:
+    record = _load(store, comparison_id, principal)
     status = ComparisonStatus(record["status"])
     if status not in OPEN_STATUSES:
         message = (
@@ -135,9 +134,14 @@ def _queue_log(store: ComparisonStore, publisher: Publisher, comparison_id: str)
 
 # ---------------------------------------------------------------------------------------- votes
 def create_vote(
-    *, comparison_id: str, vote: VoteCreate, store: ComparisonStore, publisher: Publisher
+    *,
+    comparison_id: str,
+    vote: VoteCreate,
+    store: ComparisonStore,
+    publisher: Publisher,
+    principal: Principal,
 ) -> VoteRead:
-    ended = _open(store, comparison_id)
+    ended = _open(store, comparison_id, principal)
     voter = _person(vote.voter)
     if vote.matchup is not None:
         given = [name for name in ("row", "a", "b") if getattr(vote, name) is not None]
@@ -199,6 +203,14 @@ def create_vote(
         "created_at": utcnow(),
     }
     count = store.add_vote(comparison_id, entry)
+    store.audit(
+        comparison_id,
+        actor=principal.name,
+        action="voted",
+        key_id=principal.key_id,
+        vote=entry["id"],
+        voter=voter,
+    )
     _queue_log(store, publisher, comparison_id)
     log.info("feedback.vote", comparison_id=comparison_id, row=row, a=a, b=b, winner=vote.winner, votes=count)
     return VoteRead.model_validate(entry)
@@ -209,11 +221,12 @@ def create_matchup(
     comparison_id: str,
     request: MatchupCreate,
     store: ComparisonStore,
+    principal: Principal,
     rng: random.Random | None = None,
 ) -> MatchupRead:
     """Two candidates' outputs for one row, labels hidden and order random; the server keeps
     which label is which for a day, for the one vote the matchup can take."""
-    ended = _open(store, comparison_id)
+    ended = _open(store, comparison_id, principal)
     voter = _person(request.voter)
     outputs: dict[str, list[str | None]] = {}
     for label in ended.succeeded:
@@ -254,9 +267,9 @@ def _output(produced: list[str | None], row: int) -> str:
     return (produced[row] if row < len(produced) else None) or ""
 
 
-def read_votes(*, comparison_id: str, store: ComparisonStore) -> VotesRead:
+def read_votes(*, comparison_id: str, store: ComparisonStore, principal: Principal) -> VotesRead:
     """Every vote, the candidates ranked by them, and how they agree with the judge and metrics."""
-    record = _load(store, comparison_id)
+    record = _load(store, comparison_id, principal)
     labels = [c["label"] for c in record["spec"]["candidates"]]
     succeeded = _succeeded(store, comparison_id, labels)
     votes = store.votes(comparison_id)
@@ -293,11 +306,16 @@ def read_votes(*, comparison_id: str, store: ComparisonStore) -> VotesRead:
 
 # -------------------------------------------------------------------------------------- ratings
 def set_rating(
-    *, comparison_id: str, rating: RatingCreate, store: ComparisonStore, publisher: Publisher
+    *,
+    comparison_id: str,
+    rating: RatingCreate,
+    store: ComparisonStore,
+    publisher: Publisher,
+    principal: Principal,
 ) -> RatingRead:
     """Rate one output cell (row, label); one rating per rater, a later one replacing it. A null
     rating with no comment removes it (the cleared entry is returned)."""
-    ended = _open(store, comparison_id)
+    ended = _open(store, comparison_id, principal)
     required = "to rate a cell"
     problems = [
         problem
@@ -320,11 +338,21 @@ def set_rating(
         "updated_at": utcnow(),
     }
     store.set_rating(comparison_id, entry)
+    store.audit(
+        comparison_id,
+        actor=principal.name,
+        action="rated",
+        key_id=principal.key_id,
+        row=rating.row,
+        label=rating.label,
+        rating=rating.rating or "cleared",
+        rater=entry["rater"],
+    )
     _queue_log(store, publisher, comparison_id)
     log.info("feedback.rating", comparison_id=comparison_id, row=rating.row, label=rating.label)
     return RatingRead.model_validate(entry)
 
 
-def read_ratings(*, comparison_id: str, store: ComparisonStore) -> RatingsRead:
-    _load(store, comparison_id)
+def read_ratings(*, comparison_id: str, store: ComparisonStore, principal: Principal) -> RatingsRead:
+    _load(store, comparison_id, principal)
     return RatingsRead(ratings=[RatingRead.model_validate(r) for r in store.ratings(comparison_id)])

@@ -6,11 +6,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from redis.exceptions import RedisError
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api.errors import PayloadTooLarge, install_error_handlers
 from services.api.queue import Publisher
@@ -20,25 +21,72 @@ from shared.schemas import ComparisonCreate
 from shared.settings import Settings, get_settings
 from shared.store import ComparisonStore
 
+log = structlog.get_logger()
+
+
+class _BodyTooLarge(Exception):
+    """Raised from ``receive`` once a body passes the limit; BodySizeLimit turns it into a 413."""
+
 
 class BodySizeLimit:
-    """Refuse bodies whose declared length exceeds the limit before reading them."""
+    """Answer 413 as soon as a request body passes ``max_bytes``.
+
+    A declared Content-Length over the limit is refused before anything is read. Otherwise the
+    bytes are counted as they arrive, chunked or not, so a 60 MiB chunked body or a 120 MiB
+    upload costs at most ``max_bytes`` of reading, never the whole body. Whatever the app
+    answers after the limit was passed (a parser's own error, say) is dropped for the 413.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
 
+    def _refusal(self, size: str) -> JSONResponse:
+        error = PayloadTooLarge(
+            f"The request body is {size}; the limit is {self.max_bytes} bytes "
+            "(setting MAX_BODY_BYTES): split the dataset"
+        )
+        return JSONResponse(error.body(), status_code=error.status_code, headers={"Connection": "close"})
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for name, value in scope.get("headers", []):
-                if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                    error = PayloadTooLarge(
-                        f"The request body is {int(value)} bytes; the limit is {self.max_bytes} "
-                        "(setting MAX_BODY_BYTES): split the dataset"
-                    )
-                    await JSONResponse(error.body(), status_code=413)(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._refusal(f"{int(value)} bytes")(scope, receive, send)
+                return
+        received = 0
+        exceeded = False
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, exceeded
+            if exceeded:
+                raise _BodyTooLarge()
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded and not started:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not exceeded or started:
+                raise
+        if exceeded and not started:
+            await self._refusal(f"over {self.max_bytes} bytes")(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -51,6 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.redis_url, prefix=settings.key_prefix, ttl_s=settings.result_ttl_s
         )
         app.state.publisher = Publisher(settings)
+        if settings.auth_disabled:
+            log.warning("auth.disabled", note="AUTH_DISABLED is set: anyone who reaches this API can use it")
         yield
         app.state.publisher.close()
         app.state.store.r.close()
@@ -65,11 +115,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
 
     @app.exception_handler(RedisError)
-    async def _redis_down(_: Request, exc: RedisError) -> JSONResponse:
+    async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        # Redis's own text names hosts, ports and sometimes keys: it stays in the log.
+        log.warning("redis.unavailable", path=request.url.path, error=repr(exc))
         return JSONResponse(
             {
                 "error": "unavailable",
-                "message": f"The state store (Redis) is unavailable; retry later ({exc})",
+                "message": "The state store (Redis) is unavailable; retry later",
                 "fields": [],
             },
             status_code=503,
@@ -81,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(feedback.router)
     # The web pages: same process, same origin, no second server.
     app.include_router(web.router)
+    app.add_exception_handler(web.SignInRequired, web.send_to_sign_in)
     app.mount("/ui/static", StaticFiles(directory=web.STATIC), name="static")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     _document_submission_schema(app)

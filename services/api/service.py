@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import re
 import uuid
 from typing import Any
 
 import structlog
 
-from services.api.errors import Conflict, NotFound, ServiceUnavailable
+from services.api import quotas
+from services.api.auth import Principal
+from services.api.errors import Conflict, FieldProblem, InvalidComparison, NotFound, ServiceUnavailable
 from services.api.queue import Publisher, QueueUnavailable
 from services.api.validation import validate_comparison
 from shared.metrics import metric_registry
 from shared.results import side_by_side
 from shared.schemas import (
+    AuditRead,
     CandidateState,
     CandidateStatus,
     ComparisonCreate,
@@ -27,53 +32,78 @@ from shared.schemas import (
     ResultRow,
 )
 from shared.settings import Settings
-from shared.store import ComparisonNotFound, ComparisonStore
+from shared.store import LOCAL_OWNER, ComparisonNotFound, ComparisonStore
 
 log = structlog.get_logger()
 
 
 def submit_comparison(
-    *, spec: ComparisonCreate, store: ComparisonStore, publisher: Publisher, settings: Settings
+    *,
+    spec: ComparisonCreate,
+    store: ComparisonStore,
+    publisher: Publisher,
+    settings: Settings,
+    principal: Principal,
 ) -> ComparisonRead:
-    metrics = validate_comparison(spec, settings, metric_registry(store.r, store.prefix))
+    registry = metric_registry(store.r, store.prefix)
+    metrics = validate_comparison(spec, settings, registry)
+    quotas.check_size(spec, metrics=metrics, registry=registry, settings=settings)
+    quotas.check_running(principal, store=store, settings=settings)
     comparison_id = uuid.uuid4().hex
     experiment = spec.experiment or settings.default_experiment
     record, candidates = store.create(
-        comparison_id=comparison_id, spec=spec, experiment=experiment, metrics=metrics
+        comparison_id=comparison_id,
+        spec=spec,
+        experiment=experiment,
+        metrics=metrics,
+        owner=principal.name,
+        key_id=principal.key_id,
     )
     try:
         publisher.start_comparison(comparison_id)
     except QueueUnavailable as exc:
         # Nothing was queued: end the record at once so no client waits on a job that never runs.
+        # The broker's own error names hosts and ports: it goes to the log, not to the client.
+        log.warning("comparison.queue_unavailable", comparison_id=comparison_id, error=str(exc))
         store.transition(comparison_id, ComparisonStatus.failed, allowed_from=[ComparisonStatus.queued])
-        store.set_fields(comparison_id, error=f"queue unavailable: {exc}")
-        raise ServiceUnavailable(
-            f"The job queue is unavailable, nothing was queued; retry later ({exc})"
-        ) from exc
+        store.set_fields(comparison_id, error="the job queue was unavailable; nothing was queued")
+        raise ServiceUnavailable("The job queue is unavailable, nothing was queued; retry later") from exc
     log.info(
         "comparison.queued",
         comparison_id=comparison_id,
+        owner=principal.name,
+        key_id=principal.key_id,
         candidates=len(spec.candidates),
         rows=len(spec.dataset.rows),
         metrics=metrics,
     )
-    return _to_read(record, candidates, settings)
+    store.audit(comparison_id, actor=principal.name, action="submitted", key_id=principal.key_id)
+    return _to_read(record, candidates, settings, principal)
 
 
-def _load(store: ComparisonStore, comparison_id: str) -> dict[str, Any]:
+def load_owned(store: ComparisonStore, comparison_id: str, principal: Principal) -> dict[str, Any]:
+    """The comparison's record when the caller may see it. Someone else's is "not found", not
+    "forbidden": a key learns nothing about ids that are not its own."""
     try:
-        return store.get(comparison_id)
+        record = store.get(comparison_id)
     except ComparisonNotFound:
-        raise NotFound(f"No comparison with id {comparison_id!r}") from None
+        record = None
+    if record is None or not principal.owns(record.get("owner") or LOCAL_OWNER):
+        raise NotFound(f"No comparison with id {comparison_id!r}")
+    return record
 
 
-def read_comparison(*, comparison_id: str, store: ComparisonStore, settings: Settings) -> ComparisonRead:
-    record = _load(store, comparison_id)
+def read_comparison(
+    *, comparison_id: str, store: ComparisonStore, settings: Settings, principal: Principal
+) -> ComparisonRead:
+    record = load_owned(store, comparison_id, principal)
     labels = [c["label"] for c in record["spec"]["candidates"]]
-    return _to_read(record, store.candidates(comparison_id, labels), settings)
+    return _to_read(record, store.candidates(comparison_id, labels), settings, principal)
 
 
-def _to_read(record: dict[str, Any], stored: list[dict[str, Any]], settings: Settings) -> ComparisonRead:
+def _to_read(
+    record: dict[str, Any], stored: list[dict[str, Any]], settings: Settings, principal: Principal
+) -> ComparisonRead:
     spec = record["spec"]
     ui = settings.mlflow_ui_url
     experiment_id = record.get("experiment_id")
@@ -93,13 +123,15 @@ def _to_read(record: dict[str, Any], stored: list[dict[str, Any]], settings: Set
                     cache_hits=cand["cache_hits"],
                 ),
                 metrics=cand["metrics"],
+                metrics_unavailable=cand.get("metrics_unavailable") or {},
                 aggregates=cand["aggregates"],
                 mlflow_run_id=run_id,
                 mlflow_run_url=f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
                 if run_id and experiment_id
                 else None,
                 error=cand.get("error"),
-                worker=cand.get("worker"),
+                # Host names and process ids are the operators' business.
+                worker=cand.get("worker") if principal.is_admin else None,
                 started_at=cand.get("started_at"),
                 generation_started_at=cand.get("generation_started_at"),
                 finished_at=cand.get("finished_at"),
@@ -125,29 +157,45 @@ def _to_read(record: dict[str, Any], stored: list[dict[str, Any]], settings: Set
         candidates=candidates,
         pairwise=record["pairwise"],
         judge_ranking=record["judge_ranking"],
+        judge_ranking_unavailable=record.get("judge_ranking_unavailable"),
         error=record.get("error"),
+        owner=record.get("owner") or LOCAL_OWNER,
     )
 
 
 def list_comparisons(
-    *, store: ComparisonStore, settings: Settings, status: ComparisonStatus | None, limit: int, offset: int
+    *,
+    store: ComparisonStore,
+    settings: Settings,
+    status: ComparisonStatus | None,
+    limit: int,
+    offset: int,
+    principal: Principal,
 ) -> ComparisonPage:
-    ids, total = store.list_ids(status=status, limit=limit, offset=offset)
+    if principal.is_admin:
+        ids, total = store.list_ids(status=status, limit=limit, offset=offset)
+    else:
+        ids, total = store.list_owned_ids(owner=principal.name, status=status, limit=limit, offset=offset)
     items = []
     for comparison_id in ids:
         try:
             record = store.get(comparison_id)
             labels = [c["label"] for c in record["spec"]["candidates"]]
-            items.append(_to_read(record, store.candidates(comparison_id, labels), settings))
+            items.append(_to_read(record, store.candidates(comparison_id, labels), settings, principal))
         except ComparisonNotFound:  # expired between the index read and now
             continue
     return ComparisonPage(items=items, total=total, limit=limit, offset=offset)
 
 
 def cancel_comparison(
-    *, comparison_id: str, store: ComparisonStore, publisher: Publisher, settings: Settings
+    *,
+    comparison_id: str,
+    store: ComparisonStore,
+    publisher: Publisher,
+    settings: Settings,
+    principal: Principal,
 ) -> ComparisonRead:
-    record = _load(store, comparison_id)
+    record = load_owned(store, comparison_id, principal)
     cancelled = store.transition(
         comparison_id,
         ComparisonStatus.cancelled,
@@ -163,12 +211,15 @@ def cancel_comparison(
             comparison_id, label, CandidateState.cancelled, allowed_from=[CandidateState.queued]
         )
     publisher.revoke(list(store.task_ids(comparison_id).values()))
-    log.info("comparison.cancelled", comparison_id=comparison_id)
-    return read_comparison(comparison_id=comparison_id, store=store, settings=settings)
+    log.info("comparison.cancelled", comparison_id=comparison_id, by=principal.name, key_id=principal.key_id)
+    store.audit(comparison_id, actor=principal.name, action="cancelled", key_id=principal.key_id)
+    return read_comparison(comparison_id=comparison_id, store=store, settings=settings, principal=principal)
 
 
-def comparison_results(*, comparison_id: str, store: ComparisonStore) -> ComparisonResults:
-    record = _load(store, comparison_id)
+def comparison_results(
+    *, comparison_id: str, store: ComparisonStore, principal: Principal
+) -> ComparisonResults:
+    record = load_owned(store, comparison_id, principal)
     labels = [c["label"] for c in record["spec"]["candidates"]]
     table = side_by_side(
         store.rows(comparison_id),
@@ -205,7 +256,7 @@ def results_csv(results: ComparisonResults) -> str:
         header += [f"{label}/thumbs_up", f"{label}/thumbs_down", f"{label}/comments"]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(header)
+    writer.writerow([_csv_safe(name) for name in header])
     for row in results.rows:
         extras = row.model_extra or {}
         line: list[Any] = [
@@ -223,9 +274,79 @@ def results_csv(results: ComparisonResults) -> str:
                 out.ratings.down,
                 "\n".join(f"{c.rater or 'anonymous'}: {c.comment}" for c in out.ratings.comments),
             ]
-        writer.writerow(line)
+        writer.writerow([_csv_safe(cell) for cell in line])
     return buffer.getvalue()
 
 
 def _blank_none(value: Any) -> Any:
     return "" if value is None else value
+
+
+# Spreadsheets run a cell that starts with one of these as a formula (=HYPERLINK(...), +cmd|...).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _csv_safe(cell: Any) -> Any:
+    """Neutralise CSV injection the OWASP way: text that a spreadsheet would read as a formula
+    gets a leading single quote, shown as text. Numbers stay numbers, negative ones and text that
+    is just a number ("-3") included: no formula starts that way."""
+    if not isinstance(cell, str) or not cell.startswith(_FORMULA_STARTS):
+        return cell
+    if _PLAIN_NUMBER.fullmatch(cell):
+        return cell
+    return "'" + cell
+
+
+def submit_once(
+    *,
+    spec: ComparisonCreate,
+    store: ComparisonStore,
+    publisher: Publisher,
+    settings: Settings,
+    principal: Principal,
+    idempotency_key: str | None,
+) -> tuple[ComparisonRead, bool]:
+    """Submit, unless this key already submitted the same body with the same Idempotency-Key in
+    the last 24 h: then return that comparison. Returns (comparison, True when it is the earlier one)."""
+    if idempotency_key is None:
+        return submit_comparison(
+            spec=spec, store=store, publisher=publisher, settings=settings, principal=principal
+        ), False
+    body_hash = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+    state, earlier = store.claim_idempotency_key(principal.key_id, idempotency_key, body_hash)
+    if state == "conflict":
+        raise InvalidComparison(
+            [
+                FieldProblem(
+                    "Idempotency-Key",
+                    "this key was used with a different request body in the last 24 h; send a new key "
+                    "for a new comparison",
+                )
+            ]
+        )
+    if state == "pending":
+        raise Conflict(
+            "A request with this Idempotency-Key is still being submitted; retry in a moment",
+            headers={"Retry-After": "1"},
+        )
+    if state == "done":
+        earlier_read = read_comparison(
+            comparison_id=earlier, store=store, settings=settings, principal=principal
+        )
+        return earlier_read, True
+    try:
+        created = submit_comparison(
+            spec=spec, store=store, publisher=publisher, settings=settings, principal=principal
+        )
+    except Exception:
+        # Refused or not queued: the same key may be sent again with a corrected body.
+        store.drop_idempotency_key(principal.key_id, idempotency_key)
+        raise
+    store.finish_idempotency_key(principal.key_id, idempotency_key, body_hash, created.id)
+    return created, False
+
+
+def audit_log(*, comparison_id: str, store: ComparisonStore, principal: Principal) -> AuditRead:
+    load_owned(store, comparison_id, principal)
+    return AuditRead(events=store.audit_log(comparison_id))

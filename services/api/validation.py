@@ -7,15 +7,27 @@ It returns every problem at once so a client can fix a request in one round trip
 
 from __future__ import annotations
 
+import math
+import posixpath
 import re
+from typing import Any
 
 from services.api.errors import FieldProblem, InvalidComparison
 from shared.catalog import CATALOG
 from shared.metrics import DEFAULT_METRICS, METRICS, MetricInfo
+from shared.patterns import pattern_problem
+from shared.prompts import PromptLength
 from shared.results import has_reference
-from shared.schemas import ComparisonCreate, template_fields
+from shared.schemas import ComparisonCreate, template_fields, text_problem
 from shared.settings import Settings
-from shared.sources import SourceKind, classify_model, is_under_roots
+from shared.sources import (
+    SourceKind,
+    classify_model,
+    hub_id_problem,
+    is_under_roots,
+    mlflow_model_problem,
+    revision_problem,
+)
 
 
 def resolve_metrics(spec: ComparisonCreate) -> list[str]:
@@ -39,9 +51,12 @@ def validate_comparison(
     registry = registry if registry is not None else METRICS
     problems: list[FieldProblem] = []
     problems += _check_candidates(spec, settings)
+    problems += _check_prompts(spec, settings)
+    problems += _check_tags(spec.tags)
     problems += _check_dataset(spec, settings)
     if not problems:
         problems += _check_templates_against_rows(spec)
+        problems += _check_rendered_prompts(spec, settings)
         problems += _check_metrics(spec, registry, judge_configured=settings.judge_configured)
     if problems:
         raise InvalidComparison(problems)
@@ -87,9 +102,17 @@ def _check_candidates(spec: ComparisonCreate, settings: Settings) -> list[FieldP
                     f"candidates[{i}].model",
                     f"unknown catalog name {source.value!r}; use one of {sorted(CATALOG)} "
                     "(GET /v1/models), a Hugging Face hub id like 'org/name', an absolute local "
-                    "path, or a models:/ or runs:/ MLflow URI",
+                    "path, or models:/<name>/<version> for a registered model on MLFLOW_MODEL_ALLOWLIST",
                 )
             )
+        if source.kind is SourceKind.hub and (problem := hub_id_problem(source.value)):
+            problems.append(FieldProblem(f"candidates[{i}].model", problem))
+        if source.kind is SourceKind.mlflow and (
+            problem := mlflow_model_problem(source.value, settings.mlflow_model_allowlist)
+        ):
+            problems.append(FieldProblem(f"candidates[{i}].model", problem))
+        if candidate.revision is not None and (problem := revision_problem(candidate.revision)):
+            problems.append(FieldProblem(f"candidates[{i}].revision", problem))
         if source.kind in (SourceKind.local_dir, SourceKind.gguf_file) and not is_under_roots(
             source.value, roots
         ):
@@ -121,13 +144,7 @@ def _check_dataset(spec: ComparisonCreate, settings: Settings) -> list[FieldProb
             problems.append(
                 FieldProblem(f"dataset.rows[{i}].input", "each row needs a non-empty string 'input'")
             )
-        elif len(value) > settings.max_prompt_chars:
-            problems.append(
-                FieldProblem(
-                    f"dataset.rows[{i}].input",
-                    f"at most {settings.max_prompt_chars} characters (got {len(value)})",
-                )
-            )
+        problems += _check_row_cells(i, row, settings)
         reference = row.get("reference")
         if reference is not None and not isinstance(reference, str | int | float):
             problems.append(
@@ -136,6 +153,158 @@ def _check_dataset(spec: ComparisonCreate, settings: Settings) -> list[FieldProb
         if len(problems) >= 20:
             break
     return problems
+
+
+# Column names become template placeholders, CSV headers and MLflow table columns.
+MAX_COLUMN_NAME_CHARS = 200
+
+
+def _check_row_cells(i: int, row: dict[str, Any], settings: Settings) -> list[FieldProblem]:
+    """Every cell of a row: a scalar, finite, storable and at most MAX_CELL_CHARS long. Each cell
+    is stored in Redis, rendered into prompts and sent to MLflow with every candidate."""
+    if len(row) > settings.max_columns:
+        return [
+            FieldProblem(
+                f"dataset.rows[{i}]",
+                f"{len(row)} columns; at most {settings.max_columns} (setting MAX_COLUMNS)",
+            )
+        ]
+    problems: list[FieldProblem] = []
+    for name, value in row.items():
+        field = f"dataset.rows[{i}].{name}"
+        if len(name) > MAX_COLUMN_NAME_CHARS or text_problem(name) is not None:
+            problems.append(
+                FieldProblem(
+                    f"dataset.rows[{i}]",
+                    f"column names are text of at most {MAX_COLUMN_NAME_CHARS} characters without NUL "
+                    "or unpaired surrogates",
+                )
+            )
+        elif isinstance(value, str):
+            if len(value) > settings.max_cell_chars:
+                problems.append(
+                    FieldProblem(
+                        field,
+                        f"at most {settings.max_cell_chars} characters "
+                        f"(setting MAX_CELL_CHARS; got {len(value)})",
+                    )
+                )
+            elif problem := text_problem(value):
+                problems.append(FieldProblem(field, problem))
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(FieldProblem(field, "must be a finite number"))
+        elif value is not None and not isinstance(value, bool | int | float):
+            problems.append(
+                FieldProblem(
+                    field,
+                    "cells are text, numbers, booleans or null; send a nested value as a JSON string",
+                )
+            )
+    return problems
+
+
+def _check_prompts(spec: ComparisonCreate, settings: Settings) -> list[FieldProblem]:
+    """Templates and system prompts go into every row's prompt: bound them on their own too, so
+    the refusal names them rather than each row."""
+    problems: list[FieldProblem] = []
+    limit = settings.max_prompt_chars
+    for i, candidate in enumerate(spec.candidates):
+        for name in ("prompt_template", "system_prompt"):
+            value = getattr(candidate, name)
+            if value is not None and len(value) > limit:
+                problems.append(
+                    FieldProblem(
+                        f"candidates[{i}].{name}",
+                        f"at most {limit} characters (setting MAX_PROMPT_CHARS; got {len(value)}): it "
+                        "is part of every row's prompt",
+                    )
+                )
+    return problems
+
+
+def _check_rendered_prompts(spec: ComparisonCreate, settings: Settings) -> list[FieldProblem]:
+    """Each prompt as a worker renders it (template filled with the row, plus the system prompt)
+    within MAX_PROMPT_CHARS; one problem per candidate, naming its first row over the limit."""
+    problems: list[FieldProblem] = []
+    limit = settings.max_prompt_chars
+    for i, candidate in enumerate(spec.candidates):
+        length = PromptLength(candidate.prompt_template, candidate.system_prompt)
+        over = [
+            (j, chars)
+            for j, row in enumerate(spec.dataset.rows)
+            if (chars := length.exceeds(row, limit)) is not None
+        ]
+        if not over:
+            continue
+        j, chars = over[0]
+        parts = "prompt_template" + (" and system_prompt" if candidate.system_prompt else "")
+        more = f" ({len(over) - 1} more rows are over it too)" if len(over) > 1 else ""
+        problems.append(
+            FieldProblem(
+                f"dataset.rows[{j}]",
+                f"rendered with candidates[{i}].{parts} this row's prompt is {chars} characters; at "
+                f"most {limit} (setting MAX_PROMPT_CHARS): shorten the row or the template{more}",
+            )
+        )
+    return problems
+
+
+# MLflow's own rules for tags (mlflow/utils/validation.py: MAX_ENTITY_KEY_LENGTH,
+# MAX_TAG_VAL_LENGTH, validate_param_and_metric_name, path_not_unique): a tag it refuses would
+# fail the comparison on a worker after it was queued. The gateway does not import mlflow.
+TAG_KEY_MAX_CHARS = 250
+TAG_VALUE_MAX_CHARS = 8000
+_TAG_KEY = re.compile(r"^[/\w.\- :]*$")
+# mlflow.* steer the MLflow UI and run hierarchy (mlflow.runName, mlflow.parentRunId); the
+# service finds its own runs by llm_compare.*.
+RESERVED_TAG_PREFIXES = ("mlflow.", "llm_compare.")
+
+
+def _check_tags(tags: dict[str, str]) -> list[FieldProblem]:
+    problems: list[FieldProblem] = []
+    for key, value in tags.items():
+        field = f"tags.{key}"
+        if not key.strip():
+            problems.append(FieldProblem("tags", "tag keys must not be empty or blank"))
+        elif len(key) > TAG_KEY_MAX_CHARS:
+            problems.append(
+                FieldProblem(field, f"tag keys are at most {TAG_KEY_MAX_CHARS} characters (got {len(key)})")
+            )
+        elif not _TAG_KEY.match(key):
+            problems.append(
+                FieldProblem(
+                    field,
+                    "tag keys hold only letters, digits, '_', '-', '.', ' ', ':' and '/' (MLflow's rule)",
+                )
+            )
+        elif key.startswith(RESERVED_TAG_PREFIXES):
+            problems.append(
+                FieldProblem(
+                    field,
+                    "tag keys starting with 'mlflow.' or 'llm_compare.' are reserved for MLflow and "
+                    "this service; choose another key",
+                )
+            )
+        elif _resolves_elsewhere(key):
+            problems.append(
+                FieldProblem(
+                    field,
+                    "MLflow treats tag keys as paths: no leading '/', no '.', '..' or '//' parts, no "
+                    "trailing '/'",
+                )
+            )
+        if len(value) > TAG_VALUE_MAX_CHARS:
+            problems.append(
+                FieldProblem(
+                    field, f"tag values are at most {TAG_VALUE_MAX_CHARS} characters (got {len(value)})"
+                )
+            )
+    return problems
+
+
+def _resolves_elsewhere(key: str) -> bool:
+    normal = posixpath.normpath(key)
+    return normal != key or normal == "." or normal.startswith(("..", "/"))
 
 
 def _check_templates_against_rows(spec: ComparisonCreate) -> list[FieldProblem]:
@@ -168,10 +337,11 @@ def _check_metrics(
             )
         )
     if spec.regex is not None:
-        try:
-            re.compile(spec.regex)
-        except re.error as exc:
-            problems.append(FieldProblem("regex", f"not a valid regular expression ({exc})"))
+        # The same translation the worker runs it with (shared/patterns.py): a pattern that
+        # needs backtracking is refused here instead of stalling a worker.
+        problem = pattern_problem(spec.regex)
+        if problem is not None:
+            problems.append(FieldProblem("regex", problem))
     if spec.metrics is None:
         return problems
     if not spec.metrics:

@@ -22,6 +22,7 @@ from mlflow.models import EvaluationMetric
 
 from shared.metrics import METRICS, MetricInfo, Scale
 from shared.settings import Settings
+from shared.store import ComparisonStore
 
 log = structlog.get_logger()
 ENTRY_POINT_GROUP = "llm_compare.metrics"
@@ -123,8 +124,7 @@ def publish(redis_client: Any, prefix: str, metrics: dict[str, CustomMetric]) ->
     """Tell the gateway which custom metrics workers can run."""
     if not metrics:
         return
-    redis_client.hset(
-        f"{prefix}:metrics:custom",
-        mapping={name: json.dumps(m.info.as_dict()) for name, m in metrics.items()},
+    ComparisonStore(redis_client, prefix=prefix).publish_custom_metrics(
+        {name: json.dumps(m.info.as_dict()) for name, m in metrics.items()}
     )
     log.info("custom_metrics.published", names=sorted(metrics))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,24 +10,16 @@ from functools import lru_cache
 from typing import Any
 
 from services.worker.models import LoadedModel
+from shared.prompts import render_user_text
 from shared.schemas import CandidateSpec
-
-_PLACEHOLDER = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
 
 
 class GenerationCancelled(Exception):
     pass
 
 
-def render_user_text(template: str, row: dict[str, Any]) -> str:
-    """Fill ``{column}`` placeholders from the row; ``{{`` and ``}}`` stand for literal braces."""
-
-    def fill(match: re.Match[str]) -> str:
-        name = match.group(1)
-        return str(row[name]) if name in row and row[name] is not None else match.group(0)
-
-    text = _PLACEHOLDER.sub(fill, template)
-    return text.replace("{{", "{").replace("}}", "}")
+class PromptTooLong(ValueError):
+    """A rendered prompt does not fit: the candidate fails before generating anything."""
 
 
 def wants_chat_template(candidate: CandidateSpec, loaded: LoadedModel) -> bool:
@@ -53,6 +44,57 @@ def render_prompt(candidate: CandidateSpec, loaded: LoadedModel, row: dict[str, 
     if candidate.system_prompt:
         return f"{candidate.system_prompt}\n\n{user_text}"
     return user_text
+
+
+def context_length(loaded: LoadedModel) -> int | None:
+    """Tokens the model attends over, prompt and output together, when its config says."""
+    config: Any = getattr(loaded.model, "config", None)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    # Tokenizers without a limit report a huge sentinel (1e30).
+    limit = getattr(loaded.tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10_000_000 else None
+
+
+def check_prompt_lengths(
+    prompts: list[str], *, candidate: CandidateSpec, loaded: LoadedModel, max_prompt_tokens: int
+) -> None:
+    """Raise PromptTooLong naming the first row whose prompt is over ``max_prompt_tokens``
+    (MAX_PROMPT_TOKENS), or that with max_new_tokens does not fit the model's context length.
+
+    The gateway bounds prompts in characters; tokens are known only here. Past the context
+    length a model fails or degrades, and on CPU the attention cache of a very long prompt can
+    take more memory than the host has: an out-of-memory kill is redelivered to the next
+    worker, again and again, instead of failing once.
+    """
+    if not prompts:
+        return
+    # Counted as generation will encode them (_generate_batch).
+    add_special = loaded.is_seq2seq or not _starts_with_bos(loaded.tokenizer, prompts[0])
+    lengths = [len(ids) for ids in loaded.tokenizer(prompts, add_special_tokens=add_special)["input_ids"]]
+    new_tokens = candidate.generation.max_new_tokens
+    context = context_length(loaded)
+    for row, length in enumerate(lengths):
+        if length > max_prompt_tokens:
+            raise PromptTooLong(
+                f"row {row}: the rendered prompt is {length} tokens; at most {max_prompt_tokens} "
+                "(setting MAX_PROMPT_TOKENS): shorten the row, the template or the system prompt"
+            )
+        if context is None:
+            continue
+        # Seq2seq models read the prompt with the encoder and write with the decoder.
+        needed = length if loaded.is_seq2seq else length + new_tokens
+        if needed > context:
+            raise PromptTooLong(
+                f"row {row}: the rendered prompt is {length} tokens"
+                + ("" if loaded.is_seq2seq else f" and max_new_tokens is {new_tokens}")
+                + f", more than the {context}-token context of {candidate.model!r}: shorten the "
+                "prompt" + ("" if loaded.is_seq2seq else " or lower max_new_tokens")
+            )
 
 
 @dataclass

@@ -4,18 +4,30 @@ A judge is either any OpenAI-compatible chat endpoint (vLLM, Ollama, OpenAI...: 
 JUDGE_MODEL, JUDGE_API_KEY) or a local Hugging Face model the worker loads itself
 (JUDGE_LOCAL_MODEL, any model string a candidate could use). Both answer many prompts at once:
 the endpoint through a small thread pool, the local model through batched generation.
+
+A judge is a service of its own and may be down, slow or rate-limited. Requests are retried on
+429, 5xx, timeouts and dropped connections with exponential back-off and jitter (honouring
+Retry-After), a bounded number of times, each bounded in time as a whole. A judge that stays
+unavailable raises ``JudgeUnavailable`` and answers nothing more for that candidate: its judge
+metrics are left unscored with the reason, never failing the candidate or the comparison.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import httpx
+import structlog
 
 # The fit lives in shared/ so the gateway ranks people's votes with the same code; re-exported
 # here for the pairwise judging that uses it.
@@ -47,8 +59,50 @@ _PAIR_SYSTEM = (
 )
 
 
+log = structlog.get_logger()
+
+# A chat completion with one short JSON verdict is a few hundred bytes; anything far bigger is
+# not a judge's reply, and is not read into memory.
+MAX_REPLY_BYTES = 1024 * 1024
+
+
 class JudgeError(RuntimeError):
-    pass
+    """The judge could not give verdicts (misconfigured, refusing, or unreachable)."""
+
+
+class JudgeUnavailable(JudgeError):
+    """The judge stayed unavailable through every retry; later requests are not attempted."""
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
+    """A Retry-After header in seconds (it is either a number of seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def backoff_seconds(attempt: int, *, base_s: float, max_s: float) -> float:
+    """Exponential back-off with jitter: half of base * 2^attempt (capped) plus a random part
+    of the other half, so that many rows retrying at once do not come back together."""
+    ceiling = min(max_s, base_s * 2**attempt)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 class Judge(Protocol):
@@ -65,34 +119,114 @@ class EndpointJudge:
     base_url: str
     model: str
     api_key: str | None = None
+    # The whole reply of one request must arrive within this; retries come on top.
     timeout_s: float = 60.0
     concurrency: int = 8
+    max_retries: int = 4
+    retry_base_s: float = 1.0
+    retry_max_s: float = 30.0
+    # Set once the judge stayed unavailable: nothing more is sent for this judge's candidate.
+    unavailable: str | None = field(default=None, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     @property
     def name(self) -> str:
         return f"{self.model} @ {self.base_url}"
 
-    def _complete(self, client: httpx.Client, messages: Messages) -> str:
-        response = client.post(
-            "/chat/completions",
-            json={"model": self.model, "messages": messages, "temperature": 0, "max_tokens": 256},
-        )
-        if response.status_code >= 400:
-            raise JudgeError(f"judge endpoint answered HTTP {response.status_code}: {response.text[:300]}")
+    def _post(self, client: httpx.Client, messages: Messages) -> str:
+        """One request: its reply's text, or _Retryable / JudgeError."""
+        deadline = time.monotonic() + self.timeout_s
+        body = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": 256}
         try:
-            return str(response.json()["choices"][0]["message"]["content"])
-        except (KeyError, IndexError, ValueError) as exc:
-            raise JudgeError(f"judge endpoint reply is not a chat completion: {response.text[:300]}") from exc
+            with client.stream("POST", "/chat/completions", json=body) as response:
+                received = bytearray()
+                # httpx bounds each read; a server that trickles bytes is bounded here, in total.
+                for chunk in response.iter_bytes():
+                    received += chunk
+                    if len(received) > MAX_REPLY_BYTES:
+                        raise JudgeError(f"judge endpoint reply is larger than {MAX_REPLY_BYTES} bytes")
+                    if time.monotonic() > deadline:
+                        raise _Retryable(f"no complete reply within {self.timeout_s:g} s")
+                status = response.status_code
+                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+        except httpx.TimeoutException as exc:
+            raise _Retryable(f"no reply within {self.timeout_s:g} s ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+        text = received.decode("utf-8", "replace")
+        if status == 429 or status >= 500:
+            raise _Retryable(f"HTTP {status}: {text[:300]}", retry_after)
+        if status >= 400:
+            # A refusal that retrying cannot change (a wrong key, an unknown model).
+            raise JudgeError(f"judge endpoint answered HTTP {status}: {text[:300]}")
+        try:
+            return str(json.loads(text)["choices"][0]["message"]["content"])
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise JudgeError(f"judge endpoint reply is not a chat completion: {text[:300]}") from exc
+
+    def _complete(self, client: httpx.Client, messages: Messages) -> str:
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
+            if self._stop.is_set():
+                raise JudgeUnavailable(self.unavailable or "the judge is unavailable")
+            try:
+                return self._post(client, messages)
+            except _Retryable as exc:
+                failure = str(exc)
+                wait = backoff_seconds(attempt, base_s=self.retry_base_s, max_s=self.retry_max_s)
+                if exc.retry_after_s is not None:
+                    if exc.retry_after_s > self.retry_max_s:
+                        raise self._give_up(
+                            f"it asked to retry after {exc.retry_after_s:g} s, longer than "
+                            f"JUDGE_RETRY_MAX_S ({self.retry_max_s:g} s)"
+                        ) from exc
+                    wait = max(wait, exc.retry_after_s)
+            if attempt + 1 < attempts:
+                log.info(
+                    "judge.retry", judge=self.name, attempt=attempt + 1, wait_s=round(wait, 2), error=failure
+                )
+                # Wakes at once when another row gave up meanwhile.
+                self._stop.wait(wait)
+        raise self._give_up(f"{attempts} attempts failed, the last with {failure}")
+
+    def _give_up(self, why: str) -> JudgeUnavailable:
+        if self.unavailable is None:
+            self.unavailable = f"judge {self.name} is unavailable: {why}"
+            log.warning("judge.unavailable", judge=self.name, reason=self.unavailable)
+        self._stop.set()
+        return JudgeUnavailable(self.unavailable)
 
     def complete_many(self, conversations: Sequence[Messages]) -> list[str]:
+        if self.unavailable is not None:
+            raise JudgeUnavailable(self.unavailable)
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        timeout = httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s))
         with (
-            httpx.Client(
-                base_url=self.base_url.rstrip("/"), headers=headers, timeout=self.timeout_s
-            ) as client,
+            httpx.Client(base_url=self.base_url.rstrip("/"), headers=headers, timeout=timeout) as client,
             ThreadPoolExecutor(max_workers=self.concurrency) as pool,
         ):
-            return list(pool.map(lambda m: self._complete(client, m), conversations))
+            try:
+                return list(pool.map(lambda m: self._complete(client, m), conversations))
+            except JudgeError as exc:
+                # Rows still queued or waiting give up at once instead of retrying on their own.
+                self._stop.set()
+                if self.unavailable is None:
+                    self.unavailable = str(exc)
+                raise
+
+
+@dataclass
+class UnavailableJudge:
+    """Stands in for a judge that cannot be built (missing or broken configuration)."""
+
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "unavailable"
+
+    def complete_many(self, conversations: Sequence[Messages]) -> list[str]:
+        raise JudgeUnavailable(self.reason)
 
 
 @dataclass
@@ -109,21 +243,27 @@ class LocalJudge:
 
     def complete_many(self, conversations: Sequence[Messages]) -> list[str]:
         from services.worker.generation import generate_outputs
-        from services.worker.models import shared_model_cache
+        from services.worker.models import ModelLoadError, shared_model_cache
         from shared.schemas import CandidateSpec
 
-        loaded = shared_model_cache().get(self.model, revision=None, settings=self.settings)
+        try:
+            loaded = shared_model_cache().get(self.model, revision=None, settings=self.settings)
+        except ModelLoadError as exc:
+            raise JudgeUnavailable(f"the local judge model could not be loaded: {exc}") from exc
         spec = CandidateSpec(
             label="judge", model=self.model, generation={"max_new_tokens": self.max_new_tokens}
         )
-        prompts = [_render(loaded, messages) for messages in conversations]
-        outputs = generate_outputs(
-            candidate=spec,
-            loaded=loaded,
-            prompts=prompts,
-            batch_size=self.settings.generation_batch_size,
-            kv_cache_budget_bytes=self.settings.kv_cache_budget_bytes,
-        )
+        try:
+            prompts = [_render(loaded, messages) for messages in conversations]
+            outputs = generate_outputs(
+                candidate=spec,
+                loaded=loaded,
+                prompts=prompts,
+                batch_size=self.settings.generation_batch_size,
+                kv_cache_budget_bytes=self.settings.kv_cache_budget_bytes,
+            )
+        except (RuntimeError, ValueError) as exc:  # out of memory, a template the tokenizer rejects
+            raise JudgeUnavailable(f"the local judge failed: {type(exc).__name__}: {exc}") from exc
         return [g.output for g in outputs]
 
 
@@ -137,7 +277,15 @@ def judge_from_settings(settings: Settings) -> Judge | None:
     if settings.judge_base_url:
         if not settings.judge_model:
             raise JudgeError("JUDGE_BASE_URL is set but JUDGE_MODEL is not")
-        return EndpointJudge(settings.judge_base_url, settings.judge_model, settings.judge_api_key)
+        return EndpointJudge(
+            settings.judge_base_url,
+            settings.judge_model,
+            settings.judge_api_key,
+            timeout_s=settings.judge_timeout_s,
+            max_retries=settings.judge_max_retries,
+            retry_base_s=settings.judge_retry_base_s,
+            retry_max_s=settings.judge_retry_max_s,
+        )
     if settings.judge_local_model:
         return LocalJudge(settings.judge_local_model, settings)
     return None
@@ -156,8 +304,13 @@ _JSON_OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
 _SCORE_WORD = re.compile(r"score\W{0,5}([1-5])\b", re.IGNORECASE)
 
 
+# A verdict is a short JSON object near the start (max_tokens 256); the scans below are
+# quadratic on a reply of many unclosed "{", so a longer reply is only read this far.
+_PARSED_CHARS = 8000
+
+
 def _json_in(text: str) -> dict[str, Any] | None:
-    for match in _JSON_OBJECT.finditer(text):
+    for match in _JSON_OBJECT.finditer(text[:_PARSED_CHARS]):
         try:
             value = json.loads(match.group(0))
         except ValueError:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import re
 import threading
 import warnings
 from collections import OrderedDict
@@ -27,6 +26,7 @@ from services.worker import text_metrics as tm
 from services.worker.judge import RUBRICS
 from services.worker.stats import aggregate, aggregate_numbers
 from shared.metrics import METRICS
+from shared.patterns import compile_pattern
 
 # Re-exported: the normalisation is part of what exact_match means.
 normalize_answer = tm.normalize_answer
@@ -209,14 +209,19 @@ def _semantic_similarity(predictions: pd.Series, targets: pd.Series) -> MetricVa
 
 
 def _regex(pattern: str) -> Callable[..., MetricValue]:
-    compiled = re.compile(pattern)
+    # Linear time whatever the pattern (shared/patterns.py); the gateway refused the patterns
+    # this cannot run, so a PatternError here fails the candidate with that same message.
+    compiled = compile_pattern(pattern)
     return _per_row("regex_match", lambda text: tm.regex_match(text, compiled))
 
 
 def _judge(
     name: str, rubric: str | None, *, with_reference: bool, options: dict[str, Any]
 ) -> EvaluationMetric:
-    from services.worker.judge import score_rows
+    """A judge metric. When the judge fails, every row is left unscored with the reason as its
+    justification, and the reason is recorded in ``options["judge_unavailable"][name]`` (when the
+    caller gave that dict): a judge's outage must not fail a candidate whose outputs are done."""
+    from services.worker.judge import JudgeError, score_rows
 
     judge = options.get("judge")
     if judge is None:
@@ -228,13 +233,21 @@ def _judge(
         references: list[str | None] = (
             [str(t) for t in targets] if with_reference and targets is not None else [None] * len(predictions)
         )
-        scores, justifications = score_rows(
-            judge,
-            rubric=rubric,
-            questions=[str(i) for i in inputs],
-            answers=[str(p) for p in predictions],
-            references=references,
-        )
+        try:
+            scores, justifications = score_rows(
+                judge,
+                rubric=rubric,
+                questions=[str(i) for i in inputs],
+                answers=[str(p) for p in predictions],
+                references=references,
+            )
+        except JudgeError as exc:
+            reason = str(exc)
+            unavailable = options.get("judge_unavailable")
+            if isinstance(unavailable, dict):
+                unavailable[name] = reason
+            scores = [None] * len(predictions)
+            justifications = [f"not scored: {reason}"] * len(predictions)
         summary = aggregate(scores, METRICS[name])
         return MetricValue(
             scores=scores,  # type: ignore[arg-type]

@@ -3,6 +3,12 @@
 Everything here runs inside a worker process (never at import time, never in a prefork parent:
 CUDA does not survive a fork). Loaded models are kept in a small per-process cache so that
 several candidates or comparisons on the same model load it once.
+
+Nothing a request names may run code here: every load passes ``trust_remote_code=False``, hub
+ids are checked to be hub ids (transformers loads any existing directory it is given), and
+MLflow models are read as files (never through ``mlflow.transformers.load_model``, which puts
+the logged ``code/`` folder on ``sys.path`` and trusts remote code for classes transformers
+does not know).
 """
 
 from __future__ import annotations
@@ -20,7 +26,17 @@ import structlog
 
 from shared.catalog import CATALOG
 from shared.settings import Settings
-from shared.sources import ModelSource, SourceKind, classify_model, is_under_roots
+from shared.sources import (
+    MlflowModelRef,
+    ModelSource,
+    SourceKind,
+    classify_model,
+    hub_id_problem,
+    is_under_roots,
+    mlflow_model_problem,
+    parse_mlflow_model,
+    revision_problem,
+)
 
 log = structlog.get_logger()
 
@@ -40,6 +56,9 @@ class LoadedModel:
     dtype: str
     is_seq2seq: bool
     params: dict[str, str] = field(default_factory=dict)
+    # False when what was loaded cannot be pinned down (a hub load without a commit hash): its
+    # outputs are then neither served from nor written to the response cache.
+    cacheable: bool = True
 
     @property
     def has_chat_template(self) -> bool:
@@ -55,12 +74,61 @@ def pick_device() -> tuple[str, Any]:
     return "cpu", torch.float32
 
 
+# Digests by (path, size, mtime): a file is read again only once it has changed.
+_digests: dict[tuple[str, int, int], str] = {}
+_digests_lock = threading.Lock()
+
+
 def _sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    with _digests_lock:
+        known = _digests.get(key)
+    if known is not None:
+        return known
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
+    with _digests_lock:
+        _digests[key] = digest.hexdigest()
+    return _digests[key]
+
+
+# Files up to this size are hashed whole; bigger ones (weights) count by size and mtime.
+HASHED_FILE_MAX_BYTES = 16 * 1024 * 1024
+
+
+def directory_fingerprint(path: Path) -> str:
+    """What a local model directory holds, cheaply: every file's relative path, and for small
+    files (configs, tokenizers, chat templates) their content hash, for big ones (weights) their
+    size and modification time.
+
+    Hashing the weights themselves would cost seconds to minutes per load on every run, each
+    time the worker checks whether its loaded copy is still current. Any ordinary replacement
+    (save_pretrained, cp, rsync, an unpacked archive) writes new files with new mtimes, so size
+    plus mtime catches it; what it misses is a rewrite that keeps both size and mtime on purpose
+    (``touch -d`` after writing). Copies made with ``cp -p`` or ``rsync -a`` keep mtimes, so two
+    hosts holding the same files still share response-cache entries. Small files are hashed,
+    cached by mtime, because a changed chat template or tokenizer changes outputs too.
+    """
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        if stat.st_size <= HASHED_FILE_MAX_BYTES:
+            part = _sha256(file)
+        else:
+            part = f"{stat.st_size}:{stat.st_mtime_ns}"
+        digest.update(f"{file.relative_to(path).as_posix()}\0{part}\n".encode())
     return digest.hexdigest()
+
+
+def _local_dir_resolved(path: Path) -> str:
+    return f"{path} files:{directory_fingerprint(path)[:16]}"
+
+
+def _gguf_resolved(path: Path) -> str:
+    return f"{path} sha256:{_sha256(path)[:16]}"
 
 
 def _check_local(path_text: str, settings: Settings, *, want_file: bool) -> Path:
@@ -88,7 +156,8 @@ def _from_pretrained(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device, dtype = pick_device()
-    kwargs: dict[str, Any] = {}
+    # Code shipped with a model (auto_map in its config) never runs here.
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
     if revision:
         kwargs["revision"] = revision
     if gguf_file:
@@ -162,13 +231,141 @@ def _write_converted(model: Any, tokenizer: Any, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _load_mlflow(uri: str) -> tuple[Any, Any]:
-    import mlflow.transformers
+def _check_hub_id(hub_id: str, revision: str | None) -> None:
+    # The gateway checked both; a request queued before an upgrade, or sent around it, was not.
+    problem = hub_id_problem(hub_id) or (revision_problem(revision) if revision is not None else None)
+    if problem is not None:
+        raise ModelLoadError(problem)
+    # from_pretrained loads a directory of that name relative to the working directory first.
+    if Path(hub_id).exists():
+        raise ModelLoadError(
+            f"{hub_id!r} names a path on worker {os.uname().nodename}, not only a hub id; give local "
+            "models as absolute paths under MODEL_ROOTS"
+        )
 
-    components = mlflow.transformers.load_model(uri, return_type="components")
+
+def _mlflow_client(settings: Settings) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    uri = settings.mlflow_tracking_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _mlflow_version(uri: str, settings: Settings) -> Any:
+    """The registry's model version an allowlisted ``models:/`` URI names right now."""
+    problem = mlflow_model_problem(uri, settings.mlflow_model_allowlist)
+    ref = parse_mlflow_model(uri)
+    # The gateway checked this at submit time; the allowlist may have shrunk since.
+    if problem is not None or ref is None:
+        raise ModelLoadError(problem or f"{uri!r} is not a registered model URI")
+    from services.worker.tracking import unavailable_as_transient  # imports mlflow: only when used
+
+    client = _mlflow_client(settings)
+    # The server's own trouble (unreachable, 5xx) is transient: the task retries it.
+    with unavailable_as_transient():
+        return _registry_version(client, uri, ref)
+
+
+def _registry_version(client: Any, uri: str, ref: MlflowModelRef) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if ref.alias:
+            return client.get_model_version_by_alias(ref.name, ref.alias)
+        if ref.version == "latest":
+            versions = client.search_model_versions(f"name = '{ref.name}'")
+            if not versions:
+                raise ModelLoadError(f"registered model {ref.name!r} has no versions")
+            return max(versions, key=lambda v: int(v.version))
+        return client.get_model_version(ref.name, ref.version)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise ModelLoadError(f"{uri}: {exc.message}") from exc
+        raise
+
+
+def _mlflow_resolved(name: str, version: Any) -> str:
+    # A version number is immutable, but a deleted and re-created model starts again at 1:
+    # the source it was registered from tells those apart.
+    return f"models:/{name}/{version.version} source:{version.source}"
+
+
+def _inside(root: Path, relative: object, what: str) -> Path:
+    target = (root / str(relative)).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise ModelLoadError(f"the logged model's {what} path {relative!r} leaves the model's folder")
+    if not target.is_dir():
+        raise ModelLoadError(f"the logged model has no {what} folder ({relative})")
+    return target
+
+
+def _load_logged_transformers(root: Path) -> tuple[Any, Any]:
+    """A transformers model logged to MLflow, read from its downloaded files alone.
+
+    The flavour's own loader is not used: it prepends the logged ``code/`` folder to sys.path
+    and loads with trust_remote_code=True whenever the logged class is not a transformers class,
+    which lets whoever logged the model run code on the worker. Here the ``code/`` folder is
+    ignored, only classes transformers ships are accepted, nothing is fetched from the hub and
+    weights must be safetensors (no pickle).
+    """
+    import transformers
+    import yaml
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        mlmodel = yaml.safe_load((root / "MLmodel").read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelLoadError(f"the logged model has no readable MLmodel file: {exc}") from exc
+    flavor = (mlmodel.get("flavors") or {}).get("transformers") if isinstance(mlmodel, dict) else None
+    if not isinstance(flavor, dict):
+        raise ModelLoadError("the logged model was not logged with the transformers flavour")
+    if flavor.get("source_model_revision") or flavor.get("local_base_model_path"):
+        raise ModelLoadError(
+            "the logged model holds no weights of its own (logged with save_pretrained=False or a "
+            "local base model); log it with its weights"
+        )
+    if flavor.get("peft_adaptor"):
+        raise ModelLoadError("PEFT adapters logged to MLflow are not supported; log the merged model")
+    for key in ("pipeline_model_type", "tokenizer_type"):
+        class_name = str(flavor.get(key) or "")
+        if not class_name or not hasattr(transformers, class_name):
+            raise ModelLoadError(
+                f"the logged model's {key.split('_')[0]} class {class_name!r} is not a transformers "
+                "class; loading it would run code logged with the model, which workers never do"
+            )
+    if flavor.get("code"):
+        log.info("model.mlflow_code_ignored", code=str(flavor["code"]))
+    model_dir = _inside(root, flavor.get("model_binary", "model"), "model")
+    tokenizer_dir = _inside(root, "components/tokenizer", "tokenizer")
+    safe: dict[str, Any] = {"trust_remote_code": False, "local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), **safe)
+    config = AutoConfig.from_pretrained(str(model_dir), **safe)
     device, dtype = pick_device()
-    model = components["model"].to(device=device, dtype=dtype).eval()
-    return model, components["tokenizer"]
+    model: Any = _auto_class(config).from_pretrained(
+        str(model_dir), config=config, dtype=dtype, use_safetensors=True, **safe
+    )
+    return model.to(device).eval(), tokenizer
+
+
+def _load_mlflow(uri: str, settings: Settings) -> tuple[Any, Any, str]:
+    import tempfile
+
+    import mlflow.artifacts
+
+    from services.worker.tracking import unavailable_as_transient
+
+    version = _mlflow_version(uri, settings)
+    ref = parse_mlflow_model(uri)
+    assert ref is not None  # _mlflow_version refuses anything else
+    with tempfile.TemporaryDirectory(prefix="llmc-mlflow-") as tmp, unavailable_as_transient():
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{ref.name}/{version.version}",
+            dst_path=tmp,
+            tracking_uri=settings.mlflow_tracking_uri,
+            registry_uri=settings.mlflow_tracking_uri,
+        )
+        model, tokenizer = _load_logged_transformers(Path(local))
+    return model, tokenizer, _mlflow_resolved(ref.name, version)
 
 
 def load_model(model: str, *, revision: str | None, settings: Settings) -> LoadedModel:
@@ -191,6 +388,7 @@ def _load(source: ModelSource, *, revision: str | None, settings: Settings) -> L
         if entry is None:
             raise ModelLoadError(f"unknown catalog name {source.value!r}")
         packaged = entry.packaged_path()
+        cacheable = True
         if packaged is not None:
             digest = _sha256(packaged)
             model, tokenizer = _load_gguf(packaged, digest, settings)
@@ -198,30 +396,36 @@ def _load(source: ModelSource, *, revision: str | None, settings: Settings) -> L
             kind_detail = "gguf-package"
         elif entry.hub_id:
             model, tokenizer = _from_pretrained(entry.hub_id, revision=revision)
-            resolved = f"{entry.hub_id}@{getattr(model.config, '_commit_hash', None) or revision or 'main'}"
+            resolved, cacheable = _hub_resolved(entry.hub_id, model, revision)
             kind_detail = "hub"
         else:
             raise ModelLoadError(f"catalog entry {entry.name!r} has neither packaged weights nor a hub id")
         params = {"catalog_source": kind_detail}
     elif source.kind is SourceKind.hub:
+        _check_hub_id(source.value, revision)
         model, tokenizer = _from_pretrained(source.value, revision=revision)
-        resolved = f"{source.value}@{getattr(model.config, '_commit_hash', None) or revision or 'main'}"
+        resolved, cacheable = _hub_resolved(source.value, model, revision)
         params = {}
     elif source.kind is SourceKind.gguf_file:
         path = _check_local(source.value, settings, want_file=True)
         digest = _sha256(path)
         model, tokenizer = _load_gguf(path, digest, settings)
-        resolved = f"{path} sha256:{digest[:16]}"
+        resolved = _gguf_resolved(path)
         params = {}
+        cacheable = True
     elif source.kind is SourceKind.local_dir:
         path = _check_local(source.value, settings, want_file=False)
+        # Fingerprinted before loading: a directory rewritten meanwhile keys the next run apart.
+        # A directory that is no model (no config.json; a whole model root, say) is not walked:
+        # loading it fails below.
+        resolved = _local_dir_resolved(path) if (path / "config.json").is_file() else str(path)
         model, tokenizer = _from_pretrained(str(path))
-        resolved = str(path)
         params = {}
+        cacheable = True
     else:
-        model, tokenizer = _load_mlflow(source.value)
-        resolved = source.value
+        model, tokenizer, resolved = _load_mlflow(source.value, settings)
         params = {}
+        cacheable = True
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device == "cpu" and settings.cpu_dtype != "float32":
@@ -240,7 +444,35 @@ def _load(source: ModelSource, *, revision: str | None, settings: Settings) -> L
         dtype=dtype_name,
         is_seq2seq=bool(getattr(model.config, "is_encoder_decoder", False)),
         params=params,
+        cacheable=cacheable,
     )
+
+
+def _hub_resolved(hub_id: str, model: Any, revision: str | None) -> tuple[str, bool]:
+    """The hub commit that was loaded, and whether it is known: a branch name alone (main)
+    moves, so outputs generated from it must not be reused once it has."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return f"{hub_id}@{commit}", True
+    return f"{hub_id}@{revision or 'main'}", False
+
+
+def current_resolution(model: str, *, settings: Settings) -> str | None:
+    """What ``model`` would resolve to if loaded now, for sources that can change under the
+    same name (local directories and files, registry versions by ``latest`` or alias); None
+    for the others. Cheap: file stats, small-file hashes cached by mtime, one registry call."""
+    source = classify_model(model)
+    if source.kind is SourceKind.local_dir:
+        return _local_dir_resolved(_check_local(source.value, settings, want_file=False))
+    if source.kind is SourceKind.gguf_file:
+        return _gguf_resolved(_check_local(source.value, settings, want_file=True))
+    if source.kind is SourceKind.mlflow:
+        ref = parse_mlflow_model(source.value)
+        if ref is not None and ref.version != "latest" and ref.alias is None:
+            return None  # a version number never moves
+        version = _mlflow_version(source.value, settings)
+        return _mlflow_resolved(ref.name if ref else source.value, version)
+    return None
 
 
 @lru_cache(maxsize=1)
@@ -272,8 +504,16 @@ class ModelCache:
         key = (model, revision)
         with self._lock:
             if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
+                cached = self._models[key]
+                if self._still_current(model, cached, settings):
+                    self._models.move_to_end(key)
+                    return cached
+                # Same name, other weights (a rewritten directory, a new registry version):
+                # serving the old copy would label old outputs with the new files.
+                log.info("model.changed", model=model, was=cached.resolved)
+                del self._models[key]
+                self._sizes.pop(key, None)
+                _release(cached)
             loaded = load_model(model, revision=revision, settings=settings)
             self._models[key] = loaded
             self._sizes[key] = model_bytes(loaded)
@@ -283,6 +523,14 @@ class ModelCache:
                 log.info("model.evicted", model=evicted_key[0], freed_bytes=self._sizes.pop(evicted_key))
                 _release(evicted)
             return loaded
+
+    @staticmethod
+    def _still_current(model: str, cached: LoadedModel, settings: Settings) -> bool:
+        try:
+            current = current_resolution(model, settings=settings)
+        except (ModelLoadError, OSError):
+            return False  # gone or unreadable now: loading again reports why
+        return current is None or current == cached.resolved
 
     @property
     def loaded_keys(self) -> list[tuple[str, str | None]]:

@@ -3,13 +3,21 @@
 start_comparison   -> creates the MLflow parent run, fans out one task per candidate
 run_candidate      -> loads the model, generates, runs mlflow.evaluate() in a nested run
 finalize_comparison-> once every candidate has ended, writes the summary on the parent run
+
+Every step may be delivered more than once (acks_late after a worker died, a retry, the
+reconciler queueing a step it found abandoned): each holds a lease while it runs, so two copies
+never run side by side, and finds its own earlier work instead of repeating it. A candidate's
+writes are fenced by its lease. The steps that give up end the job visibly (fail_comparison,
+give_up_candidate, fail_finalize), and the summary step ends the MLflow parent run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -20,19 +28,28 @@ import mlflow
 import structlog
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
+from redis.exceptions import RedisError
 
 from services.worker import tracking
 from services.worker.custom_metrics import CustomMetric
-from services.worker.errors import is_transient
+from services.worker.errors import TrackingUnavailable, describe, is_transient
 from services.worker.evaluation import evaluate_outputs
 from services.worker.generation import (
     Generated,
     GenerationCancelled,
+    check_prompt_lengths,
     generate_outputs,
     render_prompt,
     wants_chat_template,
 )
-from services.worker.judge import Judge, bradley_terry, judge_from_settings, judge_pairs
+from services.worker.judge import (
+    Judge,
+    JudgeError,
+    UnavailableJudge,
+    bradley_terry,
+    judge_from_settings,
+    judge_pairs,
+)
 from services.worker.locks import Lease
 from services.worker.models import ModelCache, ModelLoadError
 from services.worker.response_cache import ResponseCache, cache_keys
@@ -46,7 +63,7 @@ from shared.schemas import (
     ComparisonStatus,
 )
 from shared.settings import Settings
-from shared.store import ComparisonStore, utcnow
+from shared.store import FINALIZE_STEP, START_STEP, ComparisonStore, LeaseLost, utcnow
 from shared.tasks import FINALIZE_COMPARISON, RUN_CANDIDATE
 
 log = structlog.get_logger()
@@ -74,7 +91,55 @@ def start_comparison(ctx: WorkerContext, comparison_id: str) -> str:
     status = store.status(comparison_id)
     if status.is_final:
         log.info("comparison.skip_start", comparison_id=comparison_id, status=status.value)
+        if status is ComparisonStatus.cancelled:
+            # Cancelled before it started: nothing runs its candidates, so count them as ended
+            # here and let the summary step close the comparison.
+            labels = [c["label"] for c in store.spec(comparison_id)["candidates"]]
+            _count_final_candidates_as_ended(ctx, comparison_id, labels)
+            queue_finalize_when_done(ctx, comparison_id, labels)
         return "skipped"
+    lease = Lease(store.r, store.lease_key(comparison_id, START_STEP), ttl_s=ctx.settings.candidate_lease_s)
+    if not lease.acquire():
+        # Another delivery is starting it; if that one dies, the reconciler queues the start again.
+        log.info("comparison.start_busy", comparison_id=comparison_id, holder=lease.holder())
+        return "busy"
+    with lease.kept_alive():
+        return _start_locked(ctx, comparison_id)
+
+
+def queue_candidate(ctx: WorkerContext, comparison_id: str, label: str) -> str:
+    """Publish the candidate's task, then record it. In that order: a published task nobody
+    recorded is harmless (a redelivered start publishes it again and the candidate's lease keeps
+    the two apart), while a recorded one that was never published would be skipped by every
+    redelivery of the start task."""
+    task_id = dispatch_step(ctx, RUN_CANDIDATE, comparison_id, label, {"label": label})
+    ctx.store.record_task(comparison_id, label, task_id)
+    return task_id
+
+
+def dispatch_step(
+    ctx: WorkerContext,
+    name: str,
+    comparison_id: str,
+    step: str,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    task_id = uuid.uuid4().hex
+    ctx.dispatch(name, {"comparison_id": comparison_id, **(extra or {})}, task_id)
+    # Until it shows up in the queue or takes its lease, the reconciler must not take it for lost.
+    ctx.store.expect_task(
+        comparison_id,
+        step,
+        task_id,
+        within_s=ctx.settings.reconcile_grace_s + 2 * ctx.settings.reconcile_interval_s,
+    )
+    return task_id
+
+
+def _start_locked(ctx: WorkerContext, comparison_id: str) -> str:
+    store = ctx.store
+    # From here on the comparison owes a summary step, whatever happens to its tasks.
+    store.mark_open(comparison_id)
     if store.transition(comparison_id, ComparisonStatus.running, allowed_from=[ComparisonStatus.queued]):
         store.set_fields(comparison_id, started_at=utcnow())
     record = store.get(comparison_id)
@@ -104,9 +169,7 @@ def start_comparison(ctx: WorkerContext, comparison_id: str) -> str:
         label = candidate["label"]
         if label in already:  # a redelivered start task: that candidate is already queued
             continue
-        task_id = uuid.uuid4().hex
-        store.record_task(comparison_id, label, task_id)
-        ctx.dispatch(RUN_CANDIDATE, {"comparison_id": comparison_id, "label": label}, task_id)
+        queue_candidate(ctx, comparison_id, label)
     log.info(
         "comparison.started",
         comparison_id=comparison_id,
@@ -118,47 +181,117 @@ def start_comparison(ctx: WorkerContext, comparison_id: str) -> str:
 
 # ------------------------------------------------------------------------------------ candidate
 class CandidateBusy(Exception):
-    """Another delivery of this candidate holds its lease and is alive: try again later."""
+    """Another delivery of this candidate holds its lease: try again once it could have lapsed."""
+
+    def __init__(self, message: str, *, retry_in_s: float):
+        super().__init__(message)
+        self.retry_in_s = retry_in_s
+
+
+class HandOff(Exception):
+    """This worker is shutting down: give the candidate back to the queue for another worker."""
+
+
+# Set in a worker whose pool runs tasks in its main process (solo, for GPUs) when it is asked to
+# shut down; prefork workers stop their children through Celery's soft shutdown instead.
+HAND_OFF = threading.Event()
+
+
+@dataclass
+class CandidateWriter:
+    """A candidate's writes while holding its lease: each is refused (LeaseLost) once another
+    delivery has taken the lease over, in the same Redis round trip as the write."""
+
+    store: ComparisonStore
+    comparison_id: str
+    label: str
+    lease: Lease
+
+    def fields(self, **fields: Any) -> None:
+        self.store.fenced_set_candidate_fields(
+            self.comparison_id, self.label, lease_key=self.lease.key, token=self.lease.token, **fields
+        )
+
+    def progress(self, **progress: Any) -> None:
+        self.store.fenced_set_progress(
+            self.comparison_id, self.label, lease_key=self.lease.key, token=self.lease.token, **progress
+        )
+
+    def outputs(self, outputs: list[dict[str, Any]]) -> None:
+        self.store.fenced_save_outputs(
+            self.comparison_id, self.label, outputs, lease_key=self.lease.key, token=self.lease.token
+        )
+
+    def transition(self, new: CandidateState, *, allowed_from: list[CandidateState], **fields: Any) -> bool:
+        return self.store.fenced_transition_candidate(
+            self.comparison_id,
+            self.label,
+            new,
+            allowed_from=allowed_from,
+            lease_key=self.lease.key,
+            token=self.lease.token,
+            **fields,
+        )
 
 
 def run_candidate(ctx: WorkerContext, comparison_id: str, label: str) -> str:
     store = ctx.store
-    lease = Lease(
-        store.r, f"{store.prefix}:lease:{comparison_id}:{label}", ttl_s=ctx.settings.candidate_lease_s
-    )
+    lease = Lease(store.r, store.lease_key(comparison_id, label), ttl_s=ctx.settings.candidate_lease_s)
     if not lease.acquire():
         state = CandidateState(store.candidate(comparison_id, label)["status"])
         if state in FINAL_CANDIDATE_STATES:
             candidate_ended(ctx, comparison_id, label)
             return state.value
-        raise CandidateBusy(f"candidate {label} is held by {lease.holder()}")
-    try:
-        outcome = _run_candidate_locked(ctx, comparison_id, label, lease)
-    finally:
-        lease.release()
+        raise CandidateBusy(
+            f"candidate {label} is held by {lease.holder()}", retry_in_s=lease.seconds_left() + 1
+        )
+    with lease.kept_alive():
+        starts = store.begin_attempt(comparison_id, label)
+        try:
+            outcome = _run_candidate_locked(ctx, comparison_id, label, lease, deaths=starts - 1)
+        finally:
+            # Getting here means this process lived to see the start end (an error, a lost lease,
+            # a shutdown's SystemExit): it was no death. A process killed outright never gets here.
+            with contextlib.suppress(RedisError):
+                store.end_attempt(comparison_id, label)
     candidate_ended(ctx, comparison_id, label)
     return outcome
 
 
-def _run_candidate_locked(ctx: WorkerContext, comparison_id: str, label: str, lease: Lease) -> str:
+def _run_candidate_locked(
+    ctx: WorkerContext, comparison_id: str, label: str, lease: Lease, *, deaths: int
+) -> str:
     store = ctx.store
-    state = CandidateState(store.candidate(comparison_id, label)["status"])
+    writer = CandidateWriter(store, comparison_id, label, lease)
+    stored = store.candidate(comparison_id, label)
+    state = CandidateState(stored["status"])
     if state in FINAL_CANDIDATE_STATES:
         return state.value
     if store.status(comparison_id) is ComparisonStatus.cancelled:
-        store.transition_candidate(
-            comparison_id,
-            label,
-            CandidateState.cancelled,
-            allowed_from=[CandidateState.queued, CandidateState.running],
+        writer.transition(
+            CandidateState.cancelled, allowed_from=[CandidateState.queued, CandidateState.running]
         )
+        # An earlier delivery may have opened the candidate's run before the cancel.
+        end_run(ctx, stored.get("run_id"), "KILLED")
         return "cancelled"
-    store.transition_candidate(
-        comparison_id,
-        label,
-        CandidateState.running,
-        allowed_from=[CandidateState.queued, CandidateState.running],
-    )
+    if deaths > ctx.settings.max_worker_deaths:
+        message = (
+            f"the worker running this candidate died {deaths} times (for example out of memory); "
+            "lower GENERATION_BATCH_SIZE or max_new_tokens"
+        )
+        writer.transition(
+            CandidateState.failed,
+            allowed_from=[CandidateState.queued, CandidateState.running],
+            error=message,
+        )
+        end_run(ctx, stored.get("run_id"), "FAILED", error=message)
+        log.warning("candidate.failed", comparison_id=comparison_id, label=label, error=message)
+        return "failed"
+    if not writer.transition(
+        CandidateState.running, allowed_from=[CandidateState.queued, CandidateState.running]
+    ):
+        # Cancelled (or failed by the reconciler) between the reads above and now.
+        return str(store.candidate(comparison_id, label)["status"])
     record = store.get(comparison_id)
     spec = record["spec"]
     candidate = CandidateSpec.model_validate(next(c for c in spec["candidates"] if c["label"] == label))
@@ -171,47 +304,49 @@ def _run_candidate_locked(ctx: WorkerContext, comparison_id: str, label: str, le
         comparison_id=comparison_id,
         label=label,
     )
-    store.set_candidate_fields(
-        comparison_id, label, run_id=run_id, worker=f"{socket.gethostname()}:{os.getpid()}"
-    )
+    writer.fields(run_id=run_id, worker=f"{socket.gethostname()}:{os.getpid()}")
     log.info(
         "candidate.started", comparison_id=comparison_id, label=label, model=candidate.model, run_id=run_id
     )
     try:
-        scored = _generate_and_evaluate(
-            ctx,
-            comparison_id=comparison_id,
-            candidate=candidate,
-            rows=rows,
-            spec=spec,
-            run_id=run_id,
-            experiment_id=record["experiment_id"],
-            lease=lease,
-        )
+        # MLflow is also reached from inside mlflow.evaluate(): its network errors are transient too.
+        with tracking.unavailable_as_transient():
+            scored = _generate_and_evaluate(
+                ctx,
+                comparison_id=comparison_id,
+                candidate=candidate,
+                rows=rows,
+                spec=spec,
+                run_id=run_id,
+                experiment_id=record["experiment_id"],
+                writer=writer,
+            )
     except GenerationCancelled:
-        store.transition_candidate(
-            comparison_id, label, CandidateState.cancelled, allowed_from=[CandidateState.running]
-        )
+        writer.transition(CandidateState.cancelled, allowed_from=[CandidateState.running])
         client.set_terminated(run_id, status="KILLED")
         log.info("candidate.cancelled", comparison_id=comparison_id, label=label)
         return "cancelled"
+    except (LeaseLost, HandOff):
+        raise
     except Exception as exc:  # noqa: BLE001
         if is_transient(exc):
             raise  # the task retries with back-off
         # Whatever went wrong with this candidate (missing weights, out of memory, a template
         # the tokenizer rejects) ends it with a readable error; the other candidates go on.
-        message = _describe(exc)
-        fail_candidate(ctx, comparison_id, label, message)
-        client.set_tag(run_id, "llm_compare.error", message[:5000])
-        client.set_terminated(run_id, status="FAILED")
+        message = _describe(exc, ctx.settings)
+        writer.transition(
+            CandidateState.failed,
+            allowed_from=[CandidateState.queued, CandidateState.running],
+            error=message,
+        )
+        end_run(ctx, run_id, "FAILED", error=message)
         log.warning("candidate.failed", comparison_id=comparison_id, label=label, error=message)
         return "failed"
-    store.set_candidate_fields(
-        comparison_id, label, metrics=scored["metrics"], aggregates=scored["aggregates"]
-    )
-    store.transition_candidate(
-        comparison_id, label, CandidateState.succeeded, allowed_from=[CandidateState.running]
-    )
+    writer.fields(metrics=scored["metrics"], aggregates=scored["aggregates"])
+    if not writer.transition(CandidateState.succeeded, allowed_from=[CandidateState.running]):
+        # Ended meanwhile from outside (the reconciler cancelled it): that state stands, and the
+        # summary step ends the run to match.
+        return str(store.candidate(comparison_id, label)["status"])
     client.set_terminated(run_id, status="FINISHED")
     log.info(
         "candidate.finished",
@@ -223,8 +358,9 @@ def _run_candidate_locked(ctx: WorkerContext, comparison_id: str, label: str, le
     return "succeeded"
 
 
-def fail_candidate(ctx: WorkerContext, comparison_id: str, label: str, message: str) -> None:
-    ctx.store.transition_candidate(
+def fail_candidate(ctx: WorkerContext, comparison_id: str, label: str, message: str) -> bool:
+    """Fail a candidate from outside its lease (nobody runs it): queued or running -> failed."""
+    return ctx.store.transition_candidate(
         comparison_id,
         label,
         CandidateState.failed,
@@ -233,13 +369,58 @@ def fail_candidate(ctx: WorkerContext, comparison_id: str, label: str, message: 
     )
 
 
-def _describe(exc: BaseException) -> str:
+def give_up_candidate(
+    ctx: WorkerContext, comparison_id: str, label: str, message: str, *, holder_is_gone: bool = False
+) -> None:
+    """End a candidate whose task gave up (its error was permanent, its retries ran out, the hard
+    time limit killed it) so that the comparison can finish.
+
+    ``holder_is_gone``: the process that held the lease was killed (the hard time limit), so
+    the lease is dropped rather than waited out. Otherwise, a candidate whose lease another
+    delivery holds is left to that delivery.
+    """
+    store = ctx.store
+    lease = Lease(store.r, store.lease_key(comparison_id, label), ttl_s=ctx.settings.candidate_lease_s)
+    if holder_is_gone:
+        store.force_release(lease.key)
+    if not lease.acquire():
+        log.info("candidate.give_up_skipped", comparison_id=comparison_id, label=label, holder=lease.holder())
+        return
+    try:
+        writer = CandidateWriter(store, comparison_id, label, lease)
+        if writer.transition(
+            CandidateState.failed,
+            allowed_from=[CandidateState.queued, CandidateState.running],
+            error=message,
+        ):
+            log.warning("candidate.failed", comparison_id=comparison_id, label=label, error=message)
+            end_run(ctx, store.candidate(comparison_id, label).get("run_id"), "FAILED", error=message)
+    finally:
+        lease.release()
+    candidate_ended(ctx, comparison_id, label)
+
+
+def end_run(ctx: WorkerContext, run_id: str | None, status: str, *, error: str | None = None) -> None:
+    """Mark a candidate's MLflow run ended, as far as the server can be reached: the summary step
+    ends any run it finds still RUNNING, so an unreachable server here loses nothing."""
+    if not run_id:
+        return
+    try:
+        client = tracking.client(ctx.settings.mlflow_tracking_uri)
+        if error:
+            client.set_tag(run_id, "llm_compare.error", error[:5000])
+        client.set_terminated(run_id, status=status)
+    except TrackingUnavailable as exc:
+        log.warning("candidate.run_not_ended", run_id=run_id, status=status, error=str(exc))
+
+
+def _describe(exc: BaseException, settings: Settings) -> str:
     if isinstance(exc, ModelLoadError):
         return str(exc)
     name = type(exc).__name__
     if name == "OutOfMemoryError":
         return f"out of memory while generating: {exc}; lower GENERATION_BATCH_SIZE or max_new_tokens"
-    return f"{name}: {exc}"
+    return describe(exc, time_limit_s=settings.task_time_limit_s)
 
 
 def _generate_and_evaluate(
@@ -251,34 +432,37 @@ def _generate_and_evaluate(
     spec: dict[str, Any],
     run_id: str,
     experiment_id: str,
-    lease: Lease,
+    writer: CandidateWriter,
 ) -> dict[str, Any]:
     store = ctx.store
-    label = candidate.label
     started = time.perf_counter()
     loaded = ctx.models.get(candidate.model, revision=candidate.revision, settings=ctx.settings)
     load_seconds = time.perf_counter() - started
     chat = wants_chat_template(candidate, loaded)
     prompts = [render_prompt(candidate, loaded, row, chat=chat) for row in rows]
+    check_prompt_lengths(
+        prompts, candidate=candidate, loaded=loaded, max_prompt_tokens=ctx.settings.max_prompt_tokens
+    )
 
-    cache = ResponseCache(store.r, prefix=store.prefix, ttl_s=ctx.settings.result_ttl_s)
+    cache = ResponseCache(store, ttl_s=ctx.settings.result_ttl_s)
     keys = cache_keys(candidate=candidate, loaded=loaded, prompts=prompts, chat=chat)
-    use_cache = spec.get("cache", True)
+    # A model whose exact weights are unknown (a hub branch without its commit) shares nothing.
+    use_cache = spec.get("cache", True) and loaded.cacheable
     cached = cache.get_many(keys) if use_cache else [None] * len(prompts)
     missing = [i for i, hit in enumerate(cached) if hit is None]
     hits = len(prompts) - len(missing)
-    store.set_progress(comparison_id, label, done=hits, total=len(rows))
+    writer.progress(done=hits, total=len(rows))
     if missing:
-        store.set_candidate_fields(comparison_id, label, generation_started_at=utcnow())
+        writer.fields(generation_started_at=utcnow())
     started = time.perf_counter()
 
     def on_progress(done: int, tokens: int, fraction: float) -> None:
-        # Also inside long batches: the lease must outlive no batch, and a cancel lands mid-batch.
-        lease.renew()
+        # Also inside long batches, so that a cancel or a shutdown lands mid-batch. The write is
+        # refused (LeaseLost) once another delivery has taken the candidate over.
+        if HAND_OFF.is_set():
+            raise HandOff()
         elapsed = time.perf_counter() - started
-        store.set_progress(
-            comparison_id,
-            label,
+        writer.progress(
             done=hits + done,
             total=len(rows),
             tokens_per_second=tokens / elapsed if elapsed > 0 else None,
@@ -297,14 +481,14 @@ def _generate_and_evaluate(
         on_step=on_progress,
     )
     generation_seconds = time.perf_counter() - started
-    cache.put_many({keys[i]: g for i, g in zip(missing, fresh, strict=True)})
+    if loaded.cacheable:
+        cache.put_many({keys[i]: g for i, g in zip(missing, fresh, strict=True)})
     generated: list[Generated] = [hit for hit in cached]  # type: ignore[misc]
     for i, g in zip(missing, fresh, strict=True):
         generated[i] = g
-    store.set_candidate_fields(comparison_id, label, cache_hits=hits)
-    lease.renew()
+    writer.fields(cache_hits=hits)
     # Outputs are kept even if scoring fails below, so /results can still show them.
-    store.save_outputs(comparison_id, label, [{"output": g.output, "scores": {}} for g in generated])
+    writer.outputs([{"output": g.output, "scores": {}} for g in generated])
 
     params = {
         "model": candidate.model,
@@ -339,6 +523,8 @@ def _generate_and_evaluate(
     client.log_batch(run_id, metrics=[Metric(k, float(v), now_ms, 0) for k, v in run_metrics.items()])
 
     mlflow.set_tracking_uri(ctx.settings.mlflow_tracking_uri)
+    # Judge metrics whose judge stayed unavailable, with why: filled in while scoring.
+    judge_unavailable: dict[str, str] = {}
     scored = evaluate_outputs(
         run_id=run_id,
         experiment_id=experiment_id,
@@ -351,14 +537,25 @@ def _generate_and_evaluate(
             "regex": spec.get("regex"),
             "judge_rubric": spec.get("judge_rubric"),
             "judge": _judge_if_needed(ctx, spec["metrics"]),
+            "judge_unavailable": judge_unavailable,
         },
         custom=ctx.custom_metrics,
     )
+    if judge_unavailable:
+        # Unscored, not failed: null in the candidate's metrics, the reason beside them and on
+        # its run, and "not scored: ..." as each row's justification in the eval table.
+        scored["metrics"].update(dict.fromkeys(judge_unavailable))
+        writer.fields(metrics_unavailable=judge_unavailable)
+        client.set_tag(run_id, "llm_compare.metrics_unavailable", json.dumps(judge_unavailable)[:5000])
+        log.warning(
+            "candidate.judge_unavailable",
+            comparison_id=comparison_id,
+            label=candidate.label,
+            **judge_unavailable,
+        )
     if scored["skipped_builtins"]:
         _log_params(client, run_id, {"model_type_metrics_skipped": ",".join(scored["skipped_builtins"])})
-    store.save_outputs(
-        comparison_id,
-        label,
+    writer.outputs(
         [{"output": g.output, "scores": s} for g, s in zip(generated, scored["row_scores"], strict=True)],
     )
     return scored
@@ -366,9 +563,18 @@ def _generate_and_evaluate(
 
 def _judge_if_needed(ctx: WorkerContext, metric_names: list[str]) -> Judge | None:
     registry = ctx.metric_info()
-    if any(registry[name].needs_judge for name in metric_names if name in registry):
-        return judge_from_settings(ctx.settings)
-    return None
+    if not any(registry[name].needs_judge for name in metric_names if name in registry):
+        return None
+    # The gateway refuses judge metrics without a judge, but this worker's settings may differ;
+    # that leaves the metrics unscored rather than failing the candidate.
+    try:
+        judge = judge_from_settings(ctx.settings)
+    except JudgeError as exc:
+        return UnavailableJudge(f"the judge is misconfigured on this worker: {exc}")
+    return judge or UnavailableJudge(_NO_JUDGE)
+
+
+_NO_JUDGE = "no LLM judge is configured on this worker (JUDGE_BASE_URL and JUDGE_MODEL, or JUDGE_LOCAL_MODEL)"
 
 
 def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
@@ -383,14 +589,77 @@ def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------- finalize
 def candidate_ended(ctx: WorkerContext, comparison_id: str, label: str) -> None:
-    """Count a candidate as ended; the last one to end queues the summary step, exactly once."""
-    spec = ctx.store.spec(comparison_id)
-    newly, count = ctx.store.mark_ended(comparison_id, label)
-    if newly and count >= len(spec["candidates"]):
-        ctx.dispatch(FINALIZE_COMPARISON, {"comparison_id": comparison_id}, uuid.uuid4().hex)
+    """Count a candidate as ended; once every candidate has, queue the summary step, once."""
+    store = ctx.store
+    store.mark_ended(comparison_id, label)
+    labels = [c["label"] for c in store.spec(comparison_id)["candidates"]]
+    if store.status(comparison_id) is ComparisonStatus.cancelled:
+        # The gateway cancels queued candidates and revokes their tasks, which then never run to
+        # say that they ended: without this the summary step (which ends the parent run) never
+        # came.
+        _count_final_candidates_as_ended(ctx, comparison_id, labels)
+    queue_finalize_when_done(ctx, comparison_id, labels)
+
+
+def _count_final_candidates_as_ended(ctx: WorkerContext, comparison_id: str, labels: list[str]) -> None:
+    for candidate in ctx.store.candidates(comparison_id, labels):
+        if CandidateState(candidate["status"]) in FINAL_CANDIDATE_STATES:
+            ctx.store.mark_ended(comparison_id, candidate["label"])
+
+
+def queue_finalize_when_done(ctx: WorkerContext, comparison_id: str, labels: list[str]) -> bool:
+    """Queue the summary step if every candidate has ended and nobody queued it yet."""
+    store = ctx.store
+    if not set(labels) <= store.ended_labels(comparison_id) or not store.claim_finalize(comparison_id):
+        return False
+    try:
+        dispatch_step(ctx, FINALIZE_COMPARISON, comparison_id, FINALIZE_STEP)
+    except Exception:
+        # Let a retry of this task queue it (if even this fails, the reconciler does).
+        store.release_finalize_claim(comparison_id)
+        raise
+    return True
 
 
 def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
+    store = ctx.store
+    if store.is_finalized(comparison_id):  # a redelivery, or a second copy the reconciler queued
+        return store.status(comparison_id).value
+    lease = Lease(
+        store.r, store.lease_key(comparison_id, FINALIZE_STEP), ttl_s=ctx.settings.candidate_lease_s
+    )
+    if not lease.acquire():
+        log.info("comparison.finalize_busy", comparison_id=comparison_id, holder=lease.holder())
+        return "busy"
+    with lease.kept_alive():
+        record = store.get(comparison_id)
+        labels = [c["label"] for c in record["spec"]["candidates"]]
+        _end_candidate_runs(ctx, store.candidates(comparison_id, labels))
+        return _finalize_locked(ctx, comparison_id)
+
+
+_RUN_STATUS = {
+    CandidateState.succeeded.value: "FINISHED",
+    CandidateState.failed.value: "FAILED",
+    CandidateState.cancelled.value: "KILLED",
+}
+
+
+def _end_candidate_runs(ctx: WorkerContext, candidates: list[dict[str, Any]]) -> None:
+    """End candidate runs still RUNNING in MLflow: a candidate failed from outside its process
+    (hard time limit, a worker that died too often) may not have reached the server then."""
+    client = tracking.client(ctx.settings.mlflow_tracking_uri)
+    for candidate in candidates:
+        status = _RUN_STATUS.get(candidate["status"])
+        if (
+            candidate.get("run_id")
+            and status
+            and client.get_run(candidate["run_id"]).info.status == "RUNNING"
+        ):
+            client.set_terminated(candidate["run_id"], status=status)
+
+
+def _finalize_locked(ctx: WorkerContext, comparison_id: str) -> str:
     store = ctx.store
     record = store.get(comparison_id)
     spec = record["spec"]
@@ -414,8 +683,14 @@ def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
     store.set_fields(comparison_id, pairwise=json.dumps(pairwise))
     judge_ranking = None
     if spec.get("pairwise_judge"):
-        judge_ranking = pairwise_judging(ctx, spec, rows, candidates, outputs)
-        store.set_fields(comparison_id, judge_ranking=json.dumps(judge_ranking))
+        judge_ranking, unavailable = pairwise_judging(ctx, spec, rows, candidates, outputs)
+        store.set_fields(
+            comparison_id, judge_ranking=json.dumps(judge_ranking), judge_ranking_unavailable=unavailable
+        )
+        if unavailable and record.get("parent_run_id"):
+            tracking.client(ctx.settings.mlflow_tracking_uri).set_tag(
+                record["parent_run_id"], "llm_compare.judge_ranking_unavailable", unavailable[:5000]
+            )
     summary = build_summary(
         comparison_id=comparison_id,
         spec=spec,
@@ -449,8 +724,10 @@ def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
         client.set_terminated(parent_run_id, status=run_status)
     # A cancelled comparison keeps its status; anything else takes the outcome.
     store.transition(comparison_id, outcome, allowed_from=[ComparisonStatus.running, ComparisonStatus.queued])
-    if failed_errors and outcome is not ComparisonStatus.succeeded:
+    # An error the start step recorded (fail_comparison) says more than the candidates' echoes.
+    if failed_errors and outcome is not ComparisonStatus.succeeded and not record.get("error"):
         store.set_fields(comparison_id, error="; ".join(failed_errors)[:2000])
+    store.mark_finalized(comparison_id)
     final = store.status(comparison_id)
     log.info("comparison.finished", comparison_id=comparison_id, status=final.value)
     return final.value
@@ -495,17 +772,33 @@ def pairwise_judging(
     rows: list[dict[str, Any]],
     candidates: list[dict[str, Any]],
     outputs: dict[str, list[dict[str, Any]] | None],
-) -> dict[str, Any] | None:
+) -> tuple[dict[str, Any] | None, str | None]:
     """The judge's row-by-row preferences between every two succeeded candidates, and a
-    Bradley-Terry ranking resting on them."""
-    judge = judge_from_settings(ctx.settings)
+    Bradley-Terry ranking resting on them; or None and why there is none. A judge that fails
+    leaves the ranking out, never the comparison (whose candidates have all ended by now)."""
     done = [
         c["label"]
         for c in candidates
         if c["status"] == CandidateState.succeeded.value and outputs.get(c["label"])
     ]
-    if judge is None or len(done) < 2:
-        return None
+    if len(done) < 2:
+        return None, f"pairwise judging needs two succeeded candidates with outputs; {len(done)} did"
+    try:
+        judge = judge_from_settings(ctx.settings)
+    except JudgeError as exc:
+        return None, f"the judge is misconfigured on this worker: {exc}"
+    if judge is None:
+        return None, _NO_JUDGE
+    try:
+        return _judge_every_pair(judge, rows, done, outputs), None
+    except JudgeError as exc:
+        log.warning("comparison.judge_ranking_unavailable", judge=judge.name, error=str(exc))
+        return None, str(exc)
+
+
+def _judge_every_pair(
+    judge: Judge, rows: list[dict[str, Any]], done: list[str], outputs: dict[str, list[dict[str, Any]] | None]
+) -> dict[str, Any]:
     questions = [row["input"] for row in rows]
     references = [None if row.get("reference") is None else str(row["reference"]) for row in rows]
     verdicts: list[tuple[str, str, str]] = []
@@ -553,13 +846,47 @@ def pairwise_judging(
 
 
 def fail_comparison(ctx: WorkerContext, comparison_id: str, message: str) -> None:
-    """The start step could not run (e.g. MLflow unreachable after retries): end it visibly."""
+    """The start step gave up (e.g. MLflow unreachable after retries): fail every candidate it
+    did not queue, and let the summary step end the comparison and its parent run, if any.
+    Candidates it did queue end by themselves."""
     store = ctx.store
-    if store.transition(
+    if store.status(comparison_id) not in (ComparisonStatus.queued, ComparisonStatus.running):
+        return
+    store.set_fields(comparison_id, error=message)
+    store.mark_open(comparison_id)
+    labels = [c["label"] for c in store.spec(comparison_id)["candidates"]]
+    queued = store.task_ids(comparison_id)
+    for label in labels:
+        if label not in queued:
+            fail_candidate(ctx, comparison_id, label, f"comparison could not start: {message}")
+    _count_final_candidates_as_ended(ctx, comparison_id, labels)
+    queue_finalize_when_done(ctx, comparison_id, labels)
+
+
+def fail_finalize(ctx: WorkerContext, comparison_id: str, message: str) -> None:
+    """The summary step gave up: end the comparison as failed (unless it was cancelled) and its
+    parent run with it. Raises TrackingUnavailable while MLflow cannot be reached, so that the
+    reconciler tries again later."""
+    store = ctx.store
+    store.transition(
         comparison_id,
         ComparisonStatus.failed,
         allowed_from=[ComparisonStatus.queued, ComparisonStatus.running],
-    ):
-        store.set_fields(comparison_id, error=message)
-        for candidate in store.spec(comparison_id)["candidates"]:
-            fail_candidate(ctx, comparison_id, candidate["label"], f"comparison could not start: {message}")
+    )
+    record = store.get(comparison_id)
+    if not record.get("error"):
+        store.set_fields(comparison_id, error=message[:2000])
+    parent_run_id = record.get("parent_run_id")
+    if parent_run_id:
+        status = "KILLED" if record["status"] == ComparisonStatus.cancelled.value else "FAILED"
+        client = tracking.client(ctx.settings.mlflow_tracking_uri)
+        try:
+            client.set_tag(parent_run_id, "llm_compare.error", message[:5000])
+            client.set_terminated(parent_run_id, status=status)
+        except TrackingUnavailable:
+            raise
+        except MlflowException as exc:
+            # The run or its experiment was deleted meanwhile: nothing left to end.
+            log.warning("comparison.parent_run_not_ended", comparison_id=comparison_id, error=str(exc))
+    store.mark_finalized(comparison_id)
+    log.warning("comparison.finished", comparison_id=comparison_id, status=store.status(comparison_id).value)

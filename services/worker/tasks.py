@@ -1,27 +1,32 @@
-"""Celery tasks: thin adapters that call ``services.worker.pipeline`` and own the retry policy.
+"""Celery tasks: thin adapters that call ``services.worker.pipeline``.
 
-Messages carry only ids; each task re-reads what it needs from Redis.
+Messages carry only ids; each task re-reads what it needs from Redis. The retry policy and what
+happens when a task gives up live once, in ``ComparisonTask``.
 """
 
 from __future__ import annotations
 
-import random
+import numbers
 from functools import lru_cache
 from typing import Any
 
 import structlog
+from billiard.einfo import ExceptionInfo
 from celery import Task
+from celery.exceptions import Reject, TimeLimitExceeded
 
 from services.worker import feedback, pipeline
 from services.worker.celery_app import app
 from services.worker.custom_metrics import load_custom_metrics
-from services.worker.errors import is_transient
+from services.worker.errors import TRANSIENT_ERRORS, describe
 from services.worker.models import shared_model_cache
 from shared.settings import get_settings
-from shared.store import ComparisonStore
+from shared.store import FINALIZE_STEP, START_STEP, ComparisonNotFound, ComparisonStore, LeaseLost
 from shared.tasks import FINALIZE_COMPARISON, LOG_FEEDBACK, RUN_CANDIDATE, START_COMPARISON
 
 log = structlog.get_logger()
+
+RETRY_BACKOFF_MAX_S = 60
 
 
 @lru_cache(maxsize=1)
@@ -44,67 +49,151 @@ def context() -> pipeline.WorkerContext:
     )
 
 
-def _retry_if_transient(task: Task, exc: Exception) -> None:
-    """Retry transient failures with capped exponential back-off and jitter, up to max_retries.
+class ComparisonTask(Task):
+    """What every comparison task shares.
 
-    Returns (so the caller can end the job visibly) when the error is permanent or retries ran out.
+    Transient failures (``services.worker.errors.TRANSIENT_ERRORS``) are retried with capped
+    exponential back-off and full jitter, ``TRANSIENT_MAX_RETRIES`` times. Whatever else ends a task
+    (a permanent error, retries run out, the hard time limit) goes through ``on_failure``, which
+    ends the job visibly: Celery calls it from the worker's main process when the hard time limit
+    killed the task body, where no ``except`` of the body ever runs. If even that cannot reach
+    Redis or MLflow, the reconciler (services/worker/reconcile.py) finishes the job later.
     """
-    if not is_transient(exc) or task.request.retries >= task.max_retries:
-        return
-    delay = min(60, 2**task.request.retries) * (0.5 + random.random())
-    log.warning(
-        "task.retry", task=task.name, retries=task.request.retries, delay=round(delay, 1), error=str(exc)
-    )
-    raise task.retry(exc=exc, countdown=delay)
 
+    autoretry_for = TRANSIENT_ERRORS
+    retry_backoff = 2
+    retry_backoff_max = RETRY_BACKOFF_MAX_S
+    retry_jitter = True
+    max_retries = get_settings().transient_max_retries
 
-@app.task(name=START_COMPARISON, bind=True, max_retries=get_settings().task_max_retries)
-def start_comparison(self: Task, comparison_id: str) -> str:
-    try:
-        return pipeline.start_comparison(context(), comparison_id)
-    except Exception as exc:
-        _retry_if_transient(self, exc)
-        pipeline.fail_comparison(context(), comparison_id, f"could not start: {type(exc).__name__}: {exc}")
-        raise
+    def step(self, kwargs: dict[str, Any]) -> str | None:
+        """The comparison step this task runs (a candidate's label, START_STEP, FINALIZE_STEP)."""
+        return None
 
+    def give_up(self, ctx: pipeline.WorkerContext, exc: BaseException, kwargs: dict[str, Any]) -> None:
+        """End the job visibly after this task failed for good."""
 
-@app.task(name=RUN_CANDIDATE, bind=True, max_retries=get_settings().task_max_retries)
-def run_candidate(self: Task, comparison_id: str, label: str) -> str:
-    try:
-        return pipeline.run_candidate(context(), comparison_id, label)
-    except pipeline.CandidateBusy as exc:
-        # A redelivery while the first delivery may still be alive: check back once its lease
-        # could have lapsed, for as long as a candidate may run at all.
+    def on_retry(
+        self, exc: Exception, task_id: str, args: Any, kwargs: dict[str, Any], einfo: ExceptionInfo
+    ) -> None:
+        step = self.step(kwargs)
+        if step is None:
+            return
+        # The retry waits out a countdown in some worker's memory, holding no lease meanwhile:
+        # tell the reconciler not to take the step for lost until it should have run.
+        when = getattr(einfo.exception, "when", None)
+        countdown = float(when) if isinstance(when, numbers.Real) else RETRY_BACKOFF_MAX_S
         settings = get_settings()
-        patience = settings.task_time_limit_s // settings.candidate_lease_s + 2
-        raise self.retry(exc=exc, countdown=settings.candidate_lease_s, max_retries=patience) from exc
-    except Exception as exc:
-        _retry_if_transient(self, exc)
-        # The candidate must still end so that the comparison can finish.
-        ctx = context()
-        pipeline.fail_candidate(ctx, comparison_id, label, f"{type(exc).__name__}: {exc}")
-        pipeline.candidate_ended(ctx, comparison_id, label)
-        raise
+        try:
+            context().store.expect_task(
+                kwargs["comparison_id"],
+                step,
+                task_id,
+                within_s=countdown + settings.reconcile_grace_s + 2 * settings.reconcile_interval_s,
+            )
+        except Exception as error:  # noqa: BLE001 - a missing hint costs at worst a duplicate
+            log.warning("task.expect_failed", task=self.name, error=str(error))
+
+    def on_failure(
+        self, exc: Exception, task_id: str, args: Any, kwargs: dict[str, Any], einfo: ExceptionInfo
+    ) -> None:
+        comparison_id = kwargs.get("comparison_id")
+        if isinstance(exc, LeaseLost | ComparisonNotFound):
+            # Another delivery owns the step now, or the comparison expired: nothing to end.
+            log.info("task.dropped", task=self.name, comparison_id=comparison_id, reason=type(exc).__name__)
+            return
+        log.warning("task.gave_up", task=self.name, comparison_id=comparison_id, error=describe(exc))
+        try:
+            self.give_up(context(), exc, kwargs)
+        except Exception as error:  # noqa: BLE001
+            log.error(
+                "task.give_up_failed",
+                task=self.name,
+                comparison_id=comparison_id,
+                error=f"{type(error).__name__}: {error}",
+                note="the reconciler ends the job once Redis and MLflow answer",
+            )
 
 
-@app.task(name=FINALIZE_COMPARISON, bind=True, max_retries=get_settings().task_max_retries)
-def finalize_comparison(self: Task, comparison_id: str) -> str:
-    try:
-        return pipeline.finalize_comparison(context(), comparison_id)
-    except Exception as exc:
-        _retry_if_transient(self, exc)
-        pipeline.fail_comparison(
-            context(), comparison_id, f"summary step failed: {type(exc).__name__}: {exc}"
+class StartComparison(ComparisonTask):
+    name = START_COMPARISON
+
+    def run(self, comparison_id: str) -> str:
+        return pipeline.start_comparison(context(), comparison_id)
+
+    def step(self, kwargs: dict[str, Any]) -> str | None:
+        return START_STEP
+
+    def give_up(self, ctx: pipeline.WorkerContext, exc: BaseException, kwargs: dict[str, Any]) -> None:
+        pipeline.fail_comparison(ctx, kwargs["comparison_id"], f"could not start: {describe(exc)}")
+
+
+class RunCandidate(ComparisonTask):
+    name = RUN_CANDIDATE
+
+    def run(self, comparison_id: str, label: str) -> str:
+        try:
+            return pipeline.run_candidate(context(), comparison_id, label)
+        except pipeline.CandidateBusy as exc:
+            # Another delivery holds the lease. It may be a process that just died (its lease
+            # lapses within CANDIDATE_LEASE_S): check back then, as long as a candidate may run.
+            settings = get_settings()
+            patience = settings.task_time_limit_s // settings.candidate_lease_s + 2
+            if self.request.retries >= patience:
+                # The holder is alive and still running it; if it dies, the reconciler takes over.
+                log.info("candidate.busy_dropped", comparison_id=comparison_id, label=label)
+                return "busy"
+            retry = self.retry(exc=exc, countdown=exc.retry_in_s, max_retries=patience, throw=False)
+            # retry() leaves its max_retries on the task object, where autoretry would apply it
+            # to this process's later transient failures too.
+            if hasattr(self, "override_max_retries"):
+                del self.override_max_retries
+            raise retry from exc
+        except pipeline.HandOff as exc:
+            # This worker is shutting down: the same message goes back to the queue for another.
+            log.info("candidate.handed_off", comparison_id=comparison_id, label=label)
+            raise Reject("worker shutting down", requeue=True) from exc
+
+    def step(self, kwargs: dict[str, Any]) -> str | None:
+        return kwargs["label"]
+
+    def give_up(self, ctx: pipeline.WorkerContext, exc: BaseException, kwargs: dict[str, Any]) -> None:
+        settings = ctx.settings
+        pipeline.give_up_candidate(
+            ctx,
+            kwargs["comparison_id"],
+            kwargs["label"],
+            describe(exc, time_limit_s=settings.task_time_limit_s),
+            # The hard time limit killed the process that held the lease.
+            holder_is_gone=isinstance(exc, TimeLimitExceeded),
         )
-        raise
 
 
-@app.task(name=LOG_FEEDBACK, bind=True, max_retries=get_settings().task_max_retries)
-def log_feedback(self: Task, comparison_id: str) -> str:
-    try:
+class FinalizeComparison(ComparisonTask):
+    name = FINALIZE_COMPARISON
+
+    def run(self, comparison_id: str) -> str:
+        return pipeline.finalize_comparison(context(), comparison_id)
+
+    def step(self, kwargs: dict[str, Any]) -> str | None:
+        return FINALIZE_STEP
+
+    def give_up(self, ctx: pipeline.WorkerContext, exc: BaseException, kwargs: dict[str, Any]) -> None:
+        pipeline.fail_finalize(ctx, kwargs["comparison_id"], f"summary step failed: {describe(exc)}")
+
+
+class LogFeedback(ComparisonTask):
+    name = LOG_FEEDBACK
+
+    def run(self, comparison_id: str) -> str:
         return feedback.log_feedback(context(), comparison_id)
-    except Exception as exc:
-        _retry_if_transient(self, exc)
+
+    def give_up(self, ctx: pipeline.WorkerContext, exc: BaseException, kwargs: dict[str, Any]) -> None:
         # Votes and ratings stay in Redis; the next one queues another attempt.
-        log.warning("feedback.log_failed", comparison_id=comparison_id, error=f"{type(exc).__name__}: {exc}")
-        raise
+        pass
+
+
+start_comparison = app.register_task(StartComparison())
+run_candidate = app.register_task(RunCandidate())
+finalize_comparison = app.register_task(FinalizeComparison())
+log_feedback = app.register_task(LogFeedback())

@@ -9,6 +9,8 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
+from shared.patterns import SafePattern
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -83,17 +85,24 @@ def is_refusal(text: str) -> float:
     return float(bool(_REFUSAL.search(str(text))))
 
 
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
+def _unfenced(body: str) -> str:
+    r"""The inside of a ```json ... ``` block that is the whole output, else the output.
+
+    Plain string slicing: the regular expression this replaces (``^```(?:json)?\s*(.*?)\s*```$``)
+    backtracked cubically on an unclosed fence followed by whitespace, which a model can be
+    asked to write (2,000 spaces took 5 s; 16,000 would take about 40 minutes)."""
+    if len(body) < 6 or not (body.startswith("```") and body.endswith("```")):
+        return body
+    inner = body[3:-3]
+    if inner[:4].lower() == "json":
+        inner = inner[4:]
+    return inner.strip()
 
 
 def json_valid(text: str) -> float:
     """1 when the output parses as JSON (a ```json fenced block counts)."""
-    body = str(text).strip()
-    fenced = _FENCE.match(body)
-    if fenced:
-        body = fenced.group(1)
     try:
-        json.loads(body)
+        json.loads(_unfenced(str(text).strip()))
     except ValueError:
         return 0.0
     return 1.0
@@ -106,8 +115,10 @@ def asks_for_json(row_input: str, flag: object = None) -> bool:
     return "json" in str(row_input).lower()
 
 
-def regex_match(text: str, pattern: re.Pattern[str]) -> float:
-    return float(bool(pattern.search(str(text))))
+def regex_match(text: str, pattern: SafePattern) -> float:
+    """1 when the request's pattern matches anywhere in the output (``re.search`` semantics, run
+    by RE2 in linear time: see shared/patterns.py)."""
+    return float(pattern.search(str(text)))
 
 
 @lru_cache(maxsize=1)

@@ -9,6 +9,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from services.api import feedback
+from services.api.auth import LOCAL
 from services.api.errors import Conflict, NotFound
 from shared.schemas import ComparisonStatus, MatchupCreate, RatingCreate, VoteCreate
 from shared.store import ComparisonStore
@@ -32,7 +33,11 @@ def cid(store):
 
 def vote(store, publisher, comparison_id, **body):
     return feedback.create_vote(
-        comparison_id=comparison_id, vote=VoteCreate(**body), store=store, publisher=publisher
+        principal=LOCAL,
+        comparison_id=comparison_id,
+        vote=VoteCreate(**body),
+        store=store,
+        publisher=publisher,
     )
 
 
@@ -92,7 +97,7 @@ class TestVote:
         with pytest.raises(NotFound):
             vote(store, publisher, "nope", row=0, a="alpha", b="beta", winner="a")
         with pytest.raises(NotFound):
-            feedback.read_votes(comparison_id="nope", store=store)
+            feedback.read_votes(principal=LOCAL, comparison_id="nope", store=store)
 
 
 class TestQueueing:
@@ -119,7 +124,11 @@ class TestQueueing:
 class TestMatchups:
     def test_blind_vote_fills_in_row_and_labels(self, store, publisher, cid):
         drawn = feedback.create_matchup(
-            comparison_id=cid, request=MatchupCreate(voter="ann"), store=store, rng=random.Random(2)
+            principal=LOCAL,
+            comparison_id=cid,
+            request=MatchupCreate(voter="ann"),
+            store=store,
+            rng=random.Random(2),
         )
         assert drawn.row in (0, 1, 2)  # row 3's outputs are the same
         assert drawn.input == ROWS[drawn.row]["input"] and drawn.reference == ROWS[drawn.row]["reference"]
@@ -132,7 +141,9 @@ class TestMatchups:
         assert (created.row, created.matchup, created.voter) == (drawn.row, drawn.matchup, "ann")
 
     def test_a_matchup_takes_one_vote(self, store, publisher, cid):
-        drawn = feedback.create_matchup(comparison_id=cid, request=MatchupCreate(), store=store)
+        drawn = feedback.create_matchup(
+            principal=LOCAL, comparison_id=cid, request=MatchupCreate(), store=store
+        )
         vote(store, publisher, cid, matchup=drawn.matchup, winner="tie")
         with pytest.raises(Conflict) as exc:
             vote(store, publisher, cid, matchup=drawn.matchup, winner="a")
@@ -143,7 +154,9 @@ class TestMatchups:
         with pytest.raises(feedback.InvalidFeedback) as exc:
             vote(store, publisher, cid, matchup="not-issued", winner="a")
         assert set(fields(exc)) == {"matchup"} and "POST /v1/comparisons/" in fields(exc)["matchup"]
-        drawn = feedback.create_matchup(comparison_id=cid, request=MatchupCreate(), store=store)
+        drawn = feedback.create_matchup(
+            principal=LOCAL, comparison_id=cid, request=MatchupCreate(), store=store
+        )
         with pytest.raises(feedback.InvalidFeedback) as exc:
             vote(store, publisher, cid, matchup=drawn.matchup, row=0, a="alpha", winner="a")
         assert set(fields(exc)) == {"row", "a"}
@@ -155,7 +168,11 @@ class TestMatchups:
             vote(store, publisher, cid, row=row, a="alpha", b="beta", winner="a", voter="ann")
         for seed in range(5):
             drawn = feedback.create_matchup(
-                comparison_id=cid, request=MatchupCreate(voter="ann"), store=store, rng=random.Random(seed)
+                principal=LOCAL,
+                comparison_id=cid,
+                request=MatchupCreate(voter="ann"),
+                store=store,
+                rng=random.Random(seed),
             )
             assert drawn.row == 2
 
@@ -163,7 +180,9 @@ class TestMatchups:
         comparison_id = write_comparison(store)
         store.r.delete(store._key(comparison_id, "out", "beta"))
         with pytest.raises(Conflict) as exc:
-            feedback.create_matchup(comparison_id=comparison_id, request=MatchupCreate(), store=store)
+            feedback.create_matchup(
+                principal=LOCAL, comparison_id=comparison_id, request=MatchupCreate(), store=store
+            )
         assert "needs two" in fields(exc)["status"]
 
 
@@ -171,7 +190,7 @@ class TestReadVotes:
     def test_ranking_and_agreement_by_hand(self, store, publisher, cid):
         for body in AGREEMENT_VOTES:
             vote(store, publisher, cid, **body)
-        read = feedback.read_votes(comparison_id=cid, store=store)
+        read = feedback.read_votes(principal=LOCAL, comparison_id=cid, store=store)
         assert [v.winner for v in read.votes] == ["a", "a", "b", "both_bad", "tie"]
         # alpha: 1 win, 2 losses, 2 ties; beta the reverse. With the prior, strengths 2.5 : 3.5.
         assert [(r.label, r.rank, r.wins, r.losses, r.ties, r.votes) for r in read.ranking] == [
@@ -192,7 +211,7 @@ class TestReadVotes:
 
     def test_no_votes_and_no_judge(self, store):
         comparison_id = write_comparison(store, judge=False)
-        read = feedback.read_votes(comparison_id=comparison_id, store=store)
+        read = feedback.read_votes(principal=LOCAL, comparison_id=comparison_id, store=store)
         assert read.votes == [] and read.agreement.judge is None
         assert [(r.label, r.score, r.ci_low, r.ci_high) for r in read.ranking] == [
             ("alpha", 1000.0, None, None),
@@ -207,7 +226,11 @@ class TestReadVotes:
 class TestRatings:
     def rate(self, store, publisher, comparison_id, **body):
         return feedback.set_rating(
-            comparison_id=comparison_id, rating=RatingCreate(**body), store=store, publisher=publisher
+            principal=LOCAL,
+            comparison_id=comparison_id,
+            rating=RatingCreate(**body),
+            store=store,
+            publisher=publisher,
         )
 
     def test_replace_clear_and_order(self, store, publisher, cid):
@@ -219,7 +242,7 @@ class TestRatings:
         self.rate(store, publisher, cid, row=0, label="beta", rating="up", rater="ann")  # replaces
         cleared = self.rate(store, publisher, cid, row=2, label="alpha", rating=None, comment="   ")
         assert (cleared.rating, cleared.comment, cleared.rater) == (None, None, None)
-        ratings = feedback.read_ratings(comparison_id=cid, store=store).ratings
+        ratings = feedback.read_ratings(principal=LOCAL, comparison_id=cid, store=store).ratings
         assert [(r.row, r.label, r.rating, r.comment, r.rater) for r in ratings] == [
             (0, "alpha", "up", None, "ann"),
             (0, "beta", "up", None, "ann"),

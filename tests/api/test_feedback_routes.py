@@ -29,7 +29,9 @@ def publisher() -> RecordingPublisher:
 
 @pytest.fixture
 def http(redis_url, redis_prefix, publisher) -> Iterator[TestClient]:
-    app = create_app(Settings(redis_url=redis_url, key_prefix=redis_prefix, queue_name=redis_prefix))
+    app = create_app(
+        Settings(redis_url=redis_url, key_prefix=redis_prefix, queue_name=redis_prefix, auth_disabled=True)
+    )
     app.dependency_overrides[get_publisher] = lambda: publisher
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client

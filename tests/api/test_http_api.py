@@ -249,6 +249,24 @@ VALIDATION_CASES = [
         "outside the model roots",
     ),
     (
+        "hf: text that names a directory",
+        lambda s: s["candidates"][1].__setitem__("model", "hf:/etc"),
+        "candidates[1].model",
+        "is not a Hugging Face hub id",
+    ),
+    (
+        "registered model not on the allowlist",
+        lambda s: s["candidates"][0].__setitem__("model", "models:/some-model/1"),
+        "candidates[0].model",
+        "MLFLOW_MODEL_ALLOWLIST",
+    ),
+    (
+        "runs:/ model URI",
+        lambda s: s["candidates"][0].__setitem__("model", "runs:/0123abcd/model"),
+        "candidates[0].model",
+        "runs:/ URIs are not accepted",
+    ),
+    (
         "max_new_tokens over the limit",
         lambda s: s["candidates"][0].__setitem__("generation", {"max_new_tokens": 100000}),
         "candidates[0].generation.max_new_tokens",
@@ -273,6 +291,12 @@ VALIDATION_CASES = [
         lambda s: s.__setitem__("regex", "(unclosed"),
         "regex",
         "not a valid regular expression",
+    ),
+    (
+        "regex with a backreference",
+        lambda s: s.__setitem__("regex", r"(\w+) \1"),
+        "regex",
+        "backreferences",
     ),
     (
         "regex_match without regex",

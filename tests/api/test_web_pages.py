@@ -27,6 +27,7 @@ def settings(redis_url, redis_prefix) -> Settings:
         queue_name=redis_prefix,
         mlflow_tracking_uri="http://127.0.0.1:9",
         mlflow_public_url="http://127.0.0.1:5000",
+        auth_disabled=True,
     )
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from shared.metrics import METRICS, MetricInfo, metric_registry
+from shared.store import ComparisonStore
 
 
 class TestScales:
@@ -65,14 +66,16 @@ class TestRegistry:
             min_value=0.0,
             max_value=1.0,
         )
-        redis_client.hset(f"{redis_prefix}:metrics:custom", "share_cited", json.dumps(published.as_dict()))
+        ComparisonStore(redis_client, prefix=redis_prefix).publish_custom_metrics(
+            {"share_cited": json.dumps(published.as_dict())}
+        )
         registry = metric_registry(redis_client, redis_prefix)
         assert registry["share_cited"] == published
         assert registry["exact_match"] is METRICS["exact_match"]
 
     def test_an_entry_from_a_worker_without_scales_reads_as_unbounded(self, redis_client, redis_prefix):
         old = {"name": "legacy", "description": "d", "greater_is_better": False, "custom": True}
-        redis_client.hset(f"{redis_prefix}:metrics:custom", "legacy", json.dumps(old))
+        ComparisonStore(redis_client, prefix=redis_prefix).publish_custom_metrics({"legacy": json.dumps(old)})
         info = metric_registry(redis_client, redis_prefix)["legacy"]
         assert (info.scale, info.min_value, info.max_value) == ("unbounded", None, None)
         assert info.greater_is_better is False

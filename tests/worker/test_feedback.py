@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from scripts.stack import Stack, free_port
 from services.api import feedback as api_feedback
+from services.api.auth import LOCAL
 from services.worker import tracking
 from services.worker.feedback import log_feedback
 from services.worker.models import ModelCache
@@ -74,7 +75,11 @@ class TestLogFeedback:
 
         def vote(**body):
             api_feedback.create_vote(
-                comparison_id=comparison_id, vote=VoteCreate(**body), store=store, publisher=publisher
+                principal=LOCAL,
+                comparison_id=comparison_id,
+                vote=VoteCreate(**body),
+                store=store,
+                publisher=publisher,
             )
 
         vote(row=0, a="alpha", b="beta", winner="a", voter="ann")
@@ -95,6 +100,7 @@ class TestLogFeedback:
         vote(row=3, a="alpha", b="beta", winner="both_bad")
         vote(row=0, a="beta", b="alpha", winner="b", voter="bob")
         api_feedback.set_rating(
+            principal=LOCAL,
             comparison_id=comparison_id,
             rating=RatingCreate(row=0, label="beta", rating="down", comment="Lyon", rater="ann"),
             store=store,

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from services.worker.generation import generate_outputs, render_prompt, render_user_text, wants_chat_template
+from services.worker.generation import (
+    generate_outputs,
+    generation_kwargs,
+    render_prompt,
+    render_user_text,
+    wants_chat_template,
+)
 from services.worker.models import load_model
 from shared.schemas import CandidateSpec
 from shared.settings import Settings
@@ -83,15 +89,24 @@ def test_greedy_batch_equals_one_at_a_time(kind, causal, seq2seq):
     assert progress[-1][1] == sum(tokens)
 
 
-def test_sampling_is_reproducible_with_a_seed(causal):
-    candidate = CandidateSpec(
-        label="s",
-        model="m",
-        generation={"max_new_tokens": 6, "do_sample": True, "temperature": 1.5, "seed": 3},
-    )
-    first = generate_outputs(candidate=candidate, loaded=causal, prompts=PROMPTS, batch_size=4)
-    second = generate_outputs(candidate=candidate, loaded=causal, prompts=PROMPTS, batch_size=4)
-    assert [g.output for g in first] == [g.output for g in second]
+def _outputs(loaded, **generation) -> list[str]:
+    candidate = CandidateSpec(label="s", model="m", generation={"max_new_tokens": 6, **generation})
+    return [
+        g.output for g in generate_outputs(candidate=candidate, loaded=loaded, prompts=PROMPTS, batch_size=4)
+    ]
+
+
+@pytest.mark.parametrize("top_k", [50, 0], ids=["our top-k sampler", "full vocabulary"])
+def test_sampling_samples_and_its_seed_reproduces_it(causal, top_k):
+    """Sampled rows differ from greedy ones and from one seed to the next, and the same seed gives
+    the same rows: this fails if sampling silently became greedy decoding, or ignored the seed."""
+    greedy = _outputs(causal)
+    sampled = {
+        seed: _outputs(causal, do_sample=True, temperature=1.5, top_k=top_k, seed=seed) for seed in (1, 2, 3)
+    }
+    assert _outputs(causal, do_sample=True, temperature=1.5, top_k=top_k, seed=2) == sampled[2]
+    assert all(outputs != greedy for outputs in sampled.values())
+    assert len({tuple(outputs) for outputs in sampled.values()}) == 3
 
 
 @pytest.mark.slow
@@ -147,8 +162,11 @@ def test_top_k_sampler_draws_from_the_distribution_transformers_defines(temperat
     probs, ids = top_k_top_p_probs(scores, temperature=temperature, top_k=top_k, top_p=top_p)
     ours = torch.zeros_like(scores).scatter_(-1, ids, probs)
     assert torch.allclose(ours, expected, atol=1e-6)
-    # top_p leaves fewer tokens than top_k when the mass concentrates.
-    assert int((expected > 0).sum()) <= 3 * top_k
+    kept = (ours > 0).sum(dim=-1)
+    if top_p == 1.0:
+        assert bool((kept == top_k).all())
+    else:  # the nucleus cut leaves fewer than top_k where the mass concentrates, never none
+        assert bool((kept >= 1).all()) and int(kept.min()) < top_k
 
 
 def test_top_k_sampler_picks_tokens_with_those_frequencies():
@@ -169,12 +187,43 @@ def test_top_k_sampler_picks_tokens_with_those_frequencies():
     assert frequencies[4] == 0 and frequencies[5] == 0
 
 
-def test_sampling_without_top_k_uses_the_full_vocabulary(causal):
+def test_generation_draws_each_token_from_our_top_k_distribution(causal, monkeypatch):
+    """With top_k set, our sampler decides every token: given a distribution that puts all its
+    mass on each row's second-best token, generation follows exactly that token, step by step.
+    transformers' own sampling (the full-vocabulary path) would draw at random instead."""
+    import torch
+
+    from services.worker import generation
+
+    second_best: list[list[int]] = []
+
+    def all_on_the_second(scores, *, temperature, top_k, top_p):
+        assert scores.shape[-1] == len(causal.tokenizer)  # the model's scores over the whole vocabulary
+        values, indices = torch.topk(scores.float(), top_k, dim=-1)
+        second_best.append(indices[:, 1].tolist())
+        return torch.zeros_like(values).index_fill_(-1, torch.tensor([1]), 1.0), indices
+
+    monkeypatch.setattr(generation, "top_k_top_p_probs", all_on_the_second)
     candidate = CandidateSpec(
-        label="s", model="m", generation={"max_new_tokens": 4, "do_sample": True, "top_k": 0, "seed": 2}
+        label="s", model="m", generation={"max_new_tokens": 6, "do_sample": True, "top_k": 5, "seed": 0}
     )
-    outputs = generate_outputs(candidate=candidate, loaded=causal, prompts=PROMPTS, batch_size=4)
-    assert len(outputs) == len(PROMPTS) and all(g.output_tokens <= 4 for g in outputs)
+    kwargs = generation.generation_kwargs(candidate, causal)
+    prompts = [render_prompt(candidate, causal, {"input": p}, chat=True) for p in PROMPTS[:2]]
+    token_ids, _ = generation._generate_batch(causal, prompts, kwargs)
+    assert len(second_best) == len(token_ids[0]) == 6
+    for row, ids in enumerate(token_ids):
+        assert ids == [step[row] for step in second_best]
+
+
+def test_sampling_without_top_k_is_left_to_transformers(causal):
+    candidate = CandidateSpec(
+        label="s", model="m", generation={"do_sample": True, "top_k": 0, "temperature": 0.7}
+    )
+    kwargs = generation_kwargs(candidate, causal)
+    assert (kwargs["do_sample"], kwargs["temperature"], kwargs["top_k"]) == (True, 0.7, 0)
+    assert "logits_processor" not in kwargs
+    greedy = generation_kwargs(CandidateSpec(label="g", model="m"), causal)
+    assert greedy["do_sample"] is False and "logits_processor" not in greedy
 
 
 def test_rows_per_batch_keeps_the_attention_cache_within_budget():

@@ -3,19 +3,34 @@ OpenAI-compatible server and a local model)."""
 
 from __future__ import annotations
 
-import pytest
+import random
+import time
+import uuid
+from datetime import UTC, datetime
 
+import pytest
+from mlflow.tracking import MlflowClient
+
+from services.worker import pipeline
 from services.worker.judge import (
     RUBRICS,
     EndpointJudge,
+    JudgeError,
+    JudgeUnavailable,
     LocalJudge,
+    backoff_seconds,
     bradley_terry,
     judge_pairs,
     parse_score,
     parse_winner,
+    retry_after_seconds,
     score_rows,
 )
+from services.worker.models import ModelCache
+from shared.schemas import CandidateState, CandidateStatus, ComparisonCreate, ComparisonStatus, Progress
 from shared.settings import Settings
+from shared.store import ComparisonStore
+from shared.tasks import FINALIZE_COMPARISON, RUN_CANDIDATE
 from tests.fixtures.judge_server import JudgeServer
 
 
@@ -31,6 +46,13 @@ from tests.fixtures.judge_server import JudgeServer
 )
 def test_parse_score(reply, score):
     assert parse_score(reply)[0] == score
+
+
+def test_a_huge_reply_is_parsed_in_bounded_time():
+    started = time.perf_counter()
+    assert parse_score("{" * 60_000) == (None, "unparseable judge reply: " + "{" * 300)
+    assert parse_winner("{" * 60_000) is None
+    assert time.perf_counter() - started < 1
 
 
 def test_parse_winner():
@@ -119,13 +141,196 @@ def test_endpoint_judge_against_a_loopback_server():
         assert all(r["path"] == "/v1/chat/completions" and r["temperature"] == 0 for r in server.requests)
 
 
-def test_endpoint_judge_reports_refusals():
-    from services.worker.judge import JudgeError
-
+def test_endpoint_judge_reports_refusals_without_retrying_them():
     with JudgeServer(api_key="right") as server:
-        judge = EndpointJudge(server.base_url, "m", api_key="wrong")
+        judge = EndpointJudge(server.base_url, "m", api_key="wrong", retry_base_s=0.01)
         with pytest.raises(JudgeError, match="HTTP 401"):
             judge.complete_many([[{"role": "user", "content": "hi"}]])
+        # A wrong key stays wrong: asked once, not retried.
+        assert len(server.requests) == 1
+
+
+# ------------------------------------------------------------------------------ availability
+CAPITAL = {
+    "rubric": RUBRICS["correctness"],
+    "questions": ["Capital of France?"],
+    "answers": ["It is Paris."],
+    "references": ["Paris"],
+}
+HI = [{"role": "user", "content": "hi"}]
+
+
+def fast_judge(server: JudgeServer, **overrides) -> EndpointJudge:
+    options = {"retry_base_s": 0.01, "retry_max_s": 5.0, **overrides}
+    return EndpointJudge(server.base_url, "rule-judge", api_key=server.api_key, **options)
+
+
+class TestUnavailableJudge:
+    def test_429_and_5xx_are_retried_and_retry_after_is_honoured(self):
+        with JudgeServer() as server:
+            server.failures = [(429, {"Retry-After": "1"}), (503, {})]
+            scores, justifications = score_rows(fast_judge(server), **CAPITAL)
+            assert (scores, justifications) == ([5.0], ["rule-based score 5"])
+            assert len(server.requests) == 3
+            # The retry waited as long as the judge asked, not the 10 ms back-off.
+            assert server.requests[1]["at"] - server.requests[0]["at"] >= 1.0
+            assert server.requests[2]["at"] - server.requests[1]["at"] < 1.0
+
+    def test_a_judge_that_keeps_failing_gives_up_after_bounded_retries(self):
+        with JudgeServer() as server:
+            server.fail_always = 500
+            judge = fast_judge(server, max_retries=2, concurrency=2)
+            with pytest.raises(JudgeUnavailable, match="3 attempts failed, the last with HTTP 500"):
+                score_rows(judge, **{**CAPITAL, **{k: v * 6 for k, v in CAPITAL.items() if k != "rubric"}})
+            # The first row to give up stops the others: three attempts, and at most three for
+            # the row running beside it; the four rows left never went out.
+            assert 3 <= len(server.requests) <= 6
+            sent = len(server.requests)
+            # The same judge (one candidate's) sends nothing more.
+            with pytest.raises(JudgeUnavailable, match="HTTP 500"):
+                judge.complete_many([HI])
+            assert len(server.requests) == sent
+
+    def test_a_hanging_judge_is_given_up_within_its_time_bound(self):
+        with JudgeServer() as server:
+            server.hang_s = 60
+            judge = fast_judge(server, timeout_s=0.5, max_retries=1)
+            started = time.monotonic()
+            with pytest.raises(
+                JudgeUnavailable, match=r"2 attempts failed, the last with no reply within 0\.5 s"
+            ):
+                judge.complete_many([HI])
+            assert time.monotonic() - started < 5
+            assert len(server.requests) == 2
+
+    def test_a_retry_after_beyond_the_cap_gives_up_at_once(self):
+        with JudgeServer() as server:
+            server.failures = [(429, {"Retry-After": "3600"})]
+            judge = fast_judge(server, retry_max_s=2.0)
+            started = time.monotonic()
+            with pytest.raises(JudgeUnavailable, match="retry after 3600 s, longer than JUDGE_RETRY_MAX_S"):
+                judge.complete_many([HI])
+            assert time.monotonic() - started < 2
+            assert len(server.requests) == 1
+
+
+def test_retry_after_is_read_as_seconds_or_as_a_date():
+    assert retry_after_seconds("2") == 2.0
+    assert retry_after_seconds("-5") == 0.0
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert retry_after_seconds("Thu, 01 Jan 2026 00:00:30 GMT", now=now) == 30.0
+    assert retry_after_seconds("soon") is None
+    assert retry_after_seconds(None) is None
+
+
+def test_back_off_doubles_with_jitter_up_to_the_cap():
+    random.seed(0)
+    for attempt in range(6):
+        ceiling = min(8.0, 2.0**attempt)
+        waits = [backoff_seconds(attempt, base_s=1.0, max_s=8.0) for _ in range(200)]
+        assert all(ceiling / 2 <= w <= ceiling for w in waits)
+        assert len(set(waits)) == 200  # jittered: rows retrying together spread out
+
+
+ROWS = [
+    {"input": "What is the capital of France?", "reference": "Paris"},
+    {"input": "What is two plus two?", "reference": "four"},
+]
+
+
+def test_a_judge_outage_leaves_judge_scores_null_and_the_comparison_succeeds(
+    redis_client, redis_prefix, tiny_models, model_root, tmp_path
+):
+    """The whole comparison, in process the way the tasks run it, against a judge that answers
+    every request with 503: the candidates and the comparison succeed, the judge metrics are
+    null with the reason, the ranking is null with the reason, and the parent run ends."""
+    with JudgeServer(api_key="k") as server:
+        server.fail_always = 503
+        settings = Settings(
+            mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+            model_roots=[model_root],
+            key_prefix=redis_prefix,
+            judge_base_url=server.base_url,
+            judge_model="rule-judge",
+            judge_api_key="k",
+            judge_max_retries=1,
+            judge_retry_base_s=0.01,
+        )
+        store = ComparisonStore(redis_client, prefix=redis_prefix, ttl_s=600)
+        sent: list[tuple[str, dict]] = []
+        ctx = pipeline.WorkerContext(
+            settings=settings,
+            store=store,
+            models=ModelCache(),
+            dispatch=lambda name, kwargs, task_id: sent.append((name, kwargs)),
+        )
+        mlflow_client = MlflowClient(settings.mlflow_tracking_uri)
+        experiment = f"judge-outage-{redis_prefix}"
+        mlflow_client.create_experiment(experiment, artifact_location=str(tmp_path / "artifacts"))
+        spec = ComparisonCreate.model_validate(
+            {
+                "name": "judge-outage",
+                "candidates": [
+                    {
+                        "label": "causal",
+                        "model": str(tiny_models["causal"]),
+                        "generation": {"max_new_tokens": 4},
+                    },
+                    {
+                        "label": "t5",
+                        "model": str(tiny_models["seq2seq"]),
+                        "generation": {"max_new_tokens": 4},
+                    },
+                ],
+                "dataset": {"rows": ROWS},
+                "pairwise_judge": True,
+            }
+        )
+        comparison_id = uuid.uuid4().hex
+        store.create(
+            comparison_id=comparison_id,
+            spec=spec,
+            experiment=experiment,
+            metrics=["output_words", "judge_correctness"],
+        )
+        pipeline.start_comparison(ctx, comparison_id)
+        while sent:
+            name, kwargs = sent.pop(0)
+            if name == RUN_CANDIDATE:
+                assert pipeline.run_candidate(ctx, comparison_id, kwargs["label"]) == "succeeded"
+            else:
+                assert name == FINALIZE_COMPARISON
+                pipeline.finalize_comparison(ctx, comparison_id)
+        assert server.requests, "the judge was never asked"
+
+    record = store.get(comparison_id)
+    assert store.status(comparison_id) is ComparisonStatus.succeeded
+    assert record["judge_ranking"] is None
+    assert "HTTP 503" in record["judge_ranking_unavailable"]
+    parent = mlflow_client.get_run(record["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert "HTTP 503" in parent.data.tags["llm_compare.judge_ranking_unavailable"]
+    for candidate in store.candidates(comparison_id, ["causal", "t5"]):
+        assert candidate["status"] == CandidateState.succeeded.value
+        assert candidate["metrics"]["judge_correctness"] is None
+        assert candidate["metrics"]["output_words"] >= 0
+        reason = candidate["metrics_unavailable"]["judge_correctness"]
+        assert "is unavailable" in reason and "HTTP 503" in reason
+        # What the API serves for it: null beside the reason.
+        read = CandidateStatus(
+            label=candidate["label"],
+            model=candidate["model"],
+            status=CandidateState(candidate["status"]),
+            progress=Progress(),
+            metrics=candidate["metrics"],
+            metrics_unavailable=candidate["metrics_unavailable"],
+        )
+        assert read.metrics["judge_correctness"] is None
+        rows = store.outputs(comparison_id, candidate["label"])
+        assert [r["scores"]["judge_correctness"] for r in rows] == [None, None]
+        run = mlflow_client.get_run(candidate["run_id"])
+        assert run.info.status == "FINISHED"
+        assert "HTTP 503" in run.data.tags["llm_compare.metrics_unavailable"]
 
 
 def test_local_model_judge_runs(tiny_models, model_root):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import time
 
 import pandas as pd
 import pytest
@@ -10,6 +10,7 @@ import pytest
 from services.worker import text_metrics as tm
 from services.worker.metrics import METRIC_FACTORIES, build_metrics, cosine_similarities, model_type_builtins
 from shared.metrics import DEFAULT_METRICS, METRICS
+from shared.patterns import compile_pattern
 
 
 def test_registry_and_implementations_agree():
@@ -206,7 +207,60 @@ def test_json_valid_only_on_rows_that_ask_for_json():
 def test_regex_match():
     value = _scores("regex_match", {"regex": r"^\d+$"}, predictions=pd.Series(["42", "forty-two", " 7"]))
     assert value.scores == [1.0, 0.0, 0.0]
-    assert tm.regex_match("Answer: B", re.compile(r"Answer: [A-D]")) == 1.0
+    assert tm.regex_match("Answer: B", compile_pattern(r"Answer: [A-D]")) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("output", "valid"),
+    [
+        ("```json\n[1, 2]\n```", 1.0),
+        ('```JSON {"a": 1} ```', 1.0),
+        ("```\n{}\n```", 1.0),
+        ("```json```", 0.0),
+        ("``````", 0.0),
+        ("```json\n[1, 2]", 0.0),
+        ("  [1, 2]  ", 1.0),
+    ],
+)
+def test_json_valid_reads_a_fenced_block(output, valid):
+    assert tm.json_valid(output) == valid
+
+
+def test_json_valid_is_linear_on_an_unclosed_fence():
+    """An unclosed fence and whitespace (which a model can be asked to write) made the former
+    regular expression backtrack cubically: 2,000 spaces took 5 s, 3,000 about 16 s."""
+    started = time.perf_counter()
+    assert tm.json_valid("```" + " " * 3_000 + "x") == 0.0
+    assert time.perf_counter() - started < 0.1
+
+
+def test_a_catastrophic_pattern_runs_in_linear_time():
+    """Python's backtracking engine takes about 5 s on the first sentence (8 words) and hours
+    from 12 words on."""
+    options = {"regex": r"^(\w+\s?)*$"}
+    eight_words = pd.Series(["the quick brown fox jumps over lazy dogs!"])
+    started = time.perf_counter()
+    assert _scores("regex_match", options, predictions=eight_words).scores == [0.0]
+    assert time.perf_counter() - started < 0.5
+    long_text = pd.Series(["the quick brown fox jumps over the lazy dog " * 50 + "!", "twelve plain words"])
+    started = time.perf_counter()
+    assert _scores("regex_match", options, predictions=long_text).scores == [0.0, 1.0]
+    assert time.perf_counter() - started < 0.5
+
+
+def test_a_judge_failure_leaves_the_rows_unscored_with_the_reason():
+    from services.worker.judge import UnavailableJudge
+
+    unavailable: dict[str, str] = {}
+    value = _scores(
+        "judge_helpfulness",
+        {"judge": UnavailableJudge("judge x is unavailable: HTTP 503"), "judge_unavailable": unavailable},
+        predictions=pd.Series(["a", "b"]),
+        inputs=pd.Series(["q1", "q2"]),
+    )
+    assert value.scores == [None, None]
+    assert value.justifications == ["not scored: judge x is unavailable: HTTP 503"] * 2
+    assert unavailable == {"judge_helpfulness": "judge x is unavailable: HTTP 503"}
 
 
 def test_readability_matches_textstat_with_packaged_syllables():

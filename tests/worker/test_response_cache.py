@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from services.worker.generation import Generated
-from services.worker.models import LoadedModel
+from services.worker.models import LoadedModel, ModelCache, load_model
 from services.worker.response_cache import ResponseCache, cache_keys
 from shared.schemas import CandidateSpec
+from shared.settings import Settings
 from shared.sources import classify_model
+from shared.store import ComparisonStore
+from tests.fixtures.tiny_models import build_causal, build_tokenizer
 
 
 def loaded(resolved: str = "model.gguf sha256:abc", dtype: str = "float32") -> LoadedModel:
@@ -59,14 +65,20 @@ def test_repeated_prompts_share_a_key_when_greedy_but_not_when_sampling():
 
 
 @pytest.fixture
-def cache(redis_client, redis_prefix):
-    return ResponseCache(redis_client, prefix=redis_prefix, ttl_s=60)
+def store(redis_client, redis_prefix):
+    return ComparisonStore(redis_client, prefix=redis_prefix)
 
 
-def test_round_trip_on_redis(cache, redis_client):
+@pytest.fixture
+def cache(store):
+    return ResponseCache(store, ttl_s=60)
+
+
+def test_round_trip_on_redis(cache, store, redis_client):
     cache.put_many({"k1": Generated("hello", 2, 0.25)})
     assert cache.get_many(["k1", "k2"]) == [Generated("hello", 2, 0.25), None]
-    assert 0 < redis_client.ttl(f"{cache.prefix}:gen:k1") <= 60
+    assert 0 < redis_client.ttl(store.response_cache_key("k1")) <= 60
+    assert list(store.response_cache_keys()) == [store.response_cache_key("k1")]
     assert cache.get_many([]) == []
 
 
@@ -82,3 +94,73 @@ def test_entries_from_before_per_row_latency_are_not_reused(monkeypatch):
     current = cache_keys(candidate=spec(), loaded=loaded(), prompts=["p1"], chat=True)
     monkeypatch.setattr(response_cache, "KEY_VERSION", 1)  # entries holding their batch's average
     assert cache_keys(candidate=spec(), loaded=loaded(), prompts=["p1"], chat=True) != current
+
+
+# ------------------------------------------------------------------------- what keys a model
+ANSWERS = {"p1": Generated("old answer", 2, 0.1), "p2": Generated("another", 1, 0.1)}
+
+
+def _keys(loaded: LoadedModel) -> list[str]:
+    return cache_keys(candidate=spec(), loaded=loaded, prompts=list(ANSWERS), chat=True)
+
+
+@pytest.fixture
+def own_model(tmp_path) -> tuple[Path, Settings]:
+    """A local model directory of this test's own, which it may overwrite."""
+    root = tmp_path / "models"
+    return build_causal(root / "tiny", build_tokenizer()), Settings(model_roots=[root])
+
+
+def test_replaced_weights_in_a_local_directory_are_not_served_from_the_cache(cache, own_model):
+    folder, settings = own_model
+    models = ModelCache()
+    before = models.get(str(folder), revision=None, settings=settings)
+    cache.put_many(dict(zip(_keys(before), ANSWERS.values(), strict=True)))
+    # Unchanged: the same worker, or a fresh one, finds those outputs again.
+    assert models.get(str(folder), revision=None, settings=settings) is before
+    assert cache.get_many(_keys(load_model(str(folder), revision=None, settings=settings))) == list(
+        ANSWERS.values()
+    )
+
+    # Same name, other weights (same architecture, so the file has the same size).
+    size = (folder / "model.safetensors").stat().st_size
+    _reinitialise(folder, seed=7)
+    assert (folder / "model.safetensors").stat().st_size == size
+
+    after = models.get(str(folder), revision=None, settings=settings)
+    assert after is not before and after.resolved != before.resolved
+    assert before.model is None  # the stale copy was released, not served
+    assert cache.get_many(_keys(after)) == [None, None]
+
+
+def test_big_files_count_by_size_and_modification_time(cache, own_model, monkeypatch):
+    """Weights are too big to hash on every run: a file above the threshold is fingerprinted by
+    size and mtime, so rewriting it still changes the key."""
+    from services.worker import models as worker_models
+
+    folder, settings = own_model
+    monkeypatch.setattr(worker_models, "HASHED_FILE_MAX_BYTES", 1024)
+    first = worker_models.directory_fingerprint(folder)
+    assert worker_models.directory_fingerprint(folder) == first
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert worker_models.directory_fingerprint(folder) != first
+    # A small file (the tokenizer's config) counts by content: touching it changes nothing.
+    second = worker_models.directory_fingerprint(folder)
+    config = folder / "tokenizer_config.json"
+    config.write_text(config.read_text())
+    assert worker_models.directory_fingerprint(folder) == second
+    config.write_text(config.read_text() + " ")
+    assert worker_models.directory_fingerprint(folder) != second
+
+
+def _reinitialise(folder: Path, *, seed: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(seed)
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter)
+    model.save_pretrained(folder)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
+from services.api.auth import AUTH_RESPONSES, require
 from services.api.deps import StoreDep
+from shared.apikeys import Role
 from shared.catalog import CATALOG
 from shared.metrics import metric_registry
 from shared.schemas import MetricRead, ModelRead
 
-router = APIRouter(prefix="/v1", tags=["catalog"])
+router = APIRouter(
+    prefix="/v1", tags=["catalog"], dependencies=[Depends(require(Role.reader))], responses=AUTH_RESPONSES
+)
 
 
 @router.get("/models", response_model=list[ModelRead])

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 from services.api import feedback
+from services.api.auth import AUTH_RESPONSES, ReaderDep, SubmitterDep
 from services.api.deps import PublisherDep, StoreDep
 from services.api.errors import problems_from_errors
 from shared.schemas import (
@@ -46,6 +47,7 @@ router = APIRouter(
     tags=["human evaluation"],
     route_class=FeedbackRoute,
     responses={
+        **AUTH_RESPONSES,
         404: {"model": ErrorRead, "description": "No such comparison"},
         409: {
             "model": ErrorRead,
@@ -64,8 +66,12 @@ router = APIRouter(
     response_model=VoteRead,
     summary="Vote on two outputs of one row: by row and labels, or on a blind matchup",
 )
-def create_vote(comparison_id: str, vote: VoteCreate, store: StoreDep, publisher: PublisherDep) -> VoteRead:
-    return feedback.create_vote(comparison_id=comparison_id, vote=vote, store=store, publisher=publisher)
+def create_vote(
+    comparison_id: str, vote: VoteCreate, store: StoreDep, publisher: PublisherDep, principal: SubmitterDep
+) -> VoteRead:
+    return feedback.create_vote(
+        comparison_id=comparison_id, vote=vote, store=store, publisher=publisher, principal=principal
+    )
 
 
 @router.get(
@@ -73,8 +79,8 @@ def create_vote(comparison_id: str, vote: VoteCreate, store: StoreDep, publisher
     response_model=VotesRead,
     summary="Every vote, the arena ranking with intervals, and agreement with the judge and metrics",
 )
-def read_votes(comparison_id: str, store: StoreDep) -> VotesRead:
-    return feedback.read_votes(comparison_id=comparison_id, store=store)
+def read_votes(comparison_id: str, store: StoreDep, principal: ReaderDep) -> VotesRead:
+    return feedback.read_votes(comparison_id=comparison_id, store=store, principal=principal)
 
 
 @router.post(
@@ -83,9 +89,11 @@ def read_votes(comparison_id: str, store: StoreDep) -> VotesRead:
     response_model=MatchupRead,
     summary="Two candidates' outputs for one row, labels hidden, to vote on once",
 )
-def create_matchup(comparison_id: str, store: StoreDep, request: MatchupCreate | None = None) -> MatchupRead:
+def create_matchup(
+    comparison_id: str, store: StoreDep, principal: SubmitterDep, request: MatchupCreate | None = None
+) -> MatchupRead:
     return feedback.create_matchup(
-        comparison_id=comparison_id, request=request or MatchupCreate(), store=store
+        comparison_id=comparison_id, request=request or MatchupCreate(), store=store, principal=principal
     )
 
 
@@ -96,11 +104,17 @@ def create_matchup(comparison_id: str, store: StoreDep, request: MatchupCreate |
     summary="Rate one output cell up or down, with a comment; null with no comment removes it",
 )
 def set_rating(
-    comparison_id: str, rating: RatingCreate, store: StoreDep, publisher: PublisherDep
+    comparison_id: str,
+    rating: RatingCreate,
+    store: StoreDep,
+    publisher: PublisherDep,
+    principal: SubmitterDep,
 ) -> RatingRead:
-    return feedback.set_rating(comparison_id=comparison_id, rating=rating, store=store, publisher=publisher)
+    return feedback.set_rating(
+        comparison_id=comparison_id, rating=rating, store=store, publisher=publisher, principal=principal
+    )
 
 
 @router.get("/{comparison_id}/ratings", response_model=RatingsRead, summary="Every rating, by row then label")
-def read_ratings(comparison_id: str, store: StoreDep) -> RatingsRead:
-    return feedback.read_ratings(comparison_id=comparison_id, store=store)
+def read_ratings(comparison_id: str, store: StoreDep, principal: ReaderDep) -> RatingsRead:
+    return feedback.read_ratings(comparison_id=comparison_id, store=store, principal=principal)

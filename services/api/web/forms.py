@@ -127,7 +127,13 @@ def remove_candidate(state: FormState, index: int) -> None:
     state.candidates -= 1
 
 
-def spec_from_state(state: FormState, upload: tuple[str, bytes] | None) -> dict[str, Any]:
+def spec_from_state(
+    state: FormState,
+    upload: tuple[str, bytes] | None,
+    *,
+    max_rows: int | None = None,
+    max_columns: int | None = None,
+) -> dict[str, Any]:
     """The comparison the form describes, in the API's shape. Problems only the form can have
     (unreadable pasted data, tag lines without '=') raise InvalidComparison; everything else is
     left to the API's own validation, so the page and the API refuse the same things."""
@@ -168,11 +174,11 @@ def spec_from_state(state: FormState, upload: tuple[str, bytes] | None) -> dict[
     rows: list[dict[str, Any]] = []
     try:
         if upload is not None:
-            rows = parse_dataset_file(*upload)
+            rows = parse_dataset_file(*upload, max_rows=max_rows, max_columns=max_columns)
         elif v.get("dataset", "").strip():
             text = v["dataset"].strip()
             kind = "pasted.jsonl" if text.startswith("{") else "pasted.csv"
-            rows = parse_dataset_file(kind, text.encode())
+            rows = parse_dataset_file(kind, text.encode(), max_rows=max_rows, max_columns=max_columns)
     except InvalidComparison as exc:
         problems += [FieldProblem("dataset", p.message) for p in exc.fields]
     if not rows and not problems:

@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from services.api import service
+from services.api.auth import Principal
+from services.api.errors import NotFound
 from services.api.validation import resolve_metrics
 from services.api.web.charts import MetricChart, metric_chart
 from services.api.web.forms import FormState, state_from_spec
+from shared.apikeys import Role
 from shared.catalog import CATALOG
 from shared.metrics import DEFAULT_METRICS, MetricInfo, metric_registry
 from shared.results import has_reference
@@ -39,12 +42,14 @@ def example_state() -> FormState:
     return state_from_spec(spec)
 
 
-def rerun_state(store: ComparisonStore, comparison_id: str) -> FormState:
-    """The form filled with an earlier comparison's spec and rows, to run again with changes."""
+def rerun_state(store: ComparisonStore, comparison_id: str, principal: Principal) -> FormState:
+    """The form filled with an earlier comparison's spec and rows, to run again with changes
+    (the example when that comparison is not the caller's to see)."""
     try:
+        service.load_owned(store, comparison_id, principal)
         spec = store.spec(comparison_id)
         rows = store.rows(comparison_id)
-    except ComparisonNotFound:
+    except (ComparisonNotFound, NotFound):
         return example_state()
     state = state_from_spec(spec, rows)
     state.values["name"] = f"{spec.get('name', 'comparison')} (again)"
@@ -88,10 +93,15 @@ def arena_ready(comparison: ComparisonRead) -> bool:
 
 
 def grid_context(
-    *, comparison_id: str, store: ComparisonStore, comparison: ComparisonRead, reg: dict[str, MetricInfo]
+    *,
+    comparison_id: str,
+    store: ComparisonStore,
+    comparison: ComparisonRead,
+    reg: dict[str, MetricInfo],
+    principal: Principal,
 ) -> dict[str, Any] | None:
     """The side-by-side table and what its controls need, or None before any output exists."""
-    results = service.comparison_results(comparison_id=comparison_id, store=store)
+    results = service.comparison_results(comparison_id=comparison_id, store=store, principal=principal)
     if not any(out.output is not None for row in results.rows for out in row.outputs.values()):
         return None
     scored = list(
@@ -122,6 +132,7 @@ def grid_context(
         for c in comparison.candidates
         if c.status is CandidateState.succeeded
         and comparison.status in (ComparisonStatus.succeeded, ComparisonStatus.partially_failed)
+        and principal.role.allows(Role.submitter)
     ]
     return {
         "results": results,
@@ -175,4 +186,8 @@ def eta(seconds: float | None) -> str:
 
 
 def page_settings(settings: Settings) -> dict[str, Any]:
-    return {"mlflow_url": settings.mlflow_ui_url, "judge_configured": settings.judge_configured}
+    return {
+        "mlflow_url": settings.mlflow_ui_url,
+        "judge_configured": settings.judge_configured,
+        "auth_disabled": settings.auth_disabled,
+    }

@@ -9,6 +9,10 @@ async function refresh() {
   if (!active || document.hidden) return;
   try {
     const response = await fetch(holder.dataset.src, { headers: { accept: "text/html" } });
+    if (response.redirected) {
+      location.reload(); // signed out meanwhile: the page itself goes to sign in
+      return;
+    }
     if (response.ok) {
       // Keep keyboard focus where it was when the table is swapped.
       const focused = document.activeElement?.getAttribute("href");
