@@ -358,11 +358,12 @@ def _load_mlflow(uri: str, settings: Settings) -> tuple[Any, Any, str]:
     ref = parse_mlflow_model(uri)
     assert ref is not None  # _mlflow_version refuses anything else
     with tempfile.TemporaryDirectory(prefix="llmc-mlflow-") as tmp, unavailable_as_transient():
+        # Where the version's files are, asked of our registry. Handing "models:/…" itself to
+        # download_artifacts would let MLflow resolve it with a client of the process-wide default
+        # URI (a ./mlflow.db in the worker's directory), whatever registry_uri says.
+        files = _mlflow_client(settings).get_model_version_download_uri(ref.name, version.version)
         local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{ref.name}/{version.version}",
-            dst_path=tmp,
-            tracking_uri=settings.mlflow_tracking_uri,
-            registry_uri=settings.mlflow_tracking_uri,
+            artifact_uri=files, dst_path=tmp, tracking_uri=settings.mlflow_tracking_uri
         )
         model, tokenizer = _load_logged_transformers(Path(local))
     return model, tokenizer, _mlflow_resolved(ref.name, version)
