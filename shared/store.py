@@ -32,13 +32,16 @@ Layout (``P`` is the key prefix):
 
 Every status change goes through a compare-and-set script so that, for example, a worker that
 starts late never turns a cancelled comparison back into a running one.
+
+A comparison and its candidates read back as the typed records of shared/records.py, decoded
+here only (see "decoding" at the end).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
@@ -46,6 +49,7 @@ from typing import Any
 import redis
 
 from shared.apikeys import KeyRecord, Quotas, Role
+from shared.records import CandidateRecord, ComparisonRecord, ComparisonSpec
 from shared.schemas import (
     FINAL_CANDIDATE_STATES,
     FINAL_COMPARISON_STATUSES,
@@ -214,7 +218,7 @@ class ComparisonStore:
         metrics: list[str],
         owner: str = LOCAL_OWNER,
         key_id: str | None = None,
-    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    ) -> tuple[ComparisonRecord, list[CandidateRecord]]:
         """Store a new comparison in one round trip; return it as get() and candidates() would.
 
         ``owner`` is the name of the API key that submitted it (its team); ``key_id`` counts it
@@ -260,8 +264,10 @@ class ComparisonStore:
             for key in written:
                 pipe.expire(key, self.ttl_s)
         pipe.execute()
-        record_read = {**record, "spec": stored_spec, "pairwise": [], "judge_ranking": None}
-        return record_read, [_decode_candidate({k: str(v) for k, v in c.items()}) for c in candidates]
+        # Decoded from what was written, so that it reads exactly as get() and candidates() will.
+        return _decode_comparison({k: str(v) for k, v in record.items()}), [
+            _decode_candidate({k: str(v) for k, v in c.items()}) for c in candidates
+        ]
 
     # ---- reads
     def exists(self, comparison_id: str) -> bool:
@@ -270,21 +276,17 @@ class ComparisonStore:
         except ComparisonNotFound:
             return False
 
-    def get(self, comparison_id: str) -> dict[str, Any]:
+    def get(self, comparison_id: str) -> ComparisonRecord:
         data = self.r.hgetall(self._key(comparison_id))
         if not data:
             raise ComparisonNotFound(comparison_id)
-        data["spec"] = json.loads(data["spec"])
-        data["pairwise"] = json.loads(data["pairwise"]) if data.get("pairwise") else []
-        data["judge_ranking"] = json.loads(data["judge_ranking"]) if data.get("judge_ranking") else None
-        data["rows"] = int(data.get("rows", 0))
-        return data
+        return _decode_comparison(data)
 
-    def spec(self, comparison_id: str) -> dict[str, Any]:
+    def spec(self, comparison_id: str) -> ComparisonSpec:
         raw = self.r.hget(self._key(comparison_id), "spec")
         if raw is None:
             raise ComparisonNotFound(comparison_id)
-        return json.loads(raw)
+        return ComparisonSpec.model_validate_json(raw)
 
     def status(self, comparison_id: str) -> ComparisonStatus:
         raw = self.r.hget(self._key(comparison_id), "status")
@@ -298,13 +300,13 @@ class ComparisonStore:
             raise ComparisonNotFound(comparison_id)
         return json.loads(raw)
 
-    def candidate(self, comparison_id: str, label: str) -> dict[str, Any]:
+    def candidate(self, comparison_id: str, label: str) -> CandidateRecord:
         data = self.r.hgetall(self._key(comparison_id, "cand", label))
         if not data:
             raise ComparisonNotFound(f"{comparison_id}/{label}")
         return _decode_candidate(data)
 
-    def candidates(self, comparison_id: str, labels: list[str]) -> list[dict[str, Any]]:
+    def candidates(self, comparison_id: str, labels: list[str]) -> list[CandidateRecord]:
         pipe = self.r.pipeline(transaction=False)
         for label in labels:
             pipe.hgetall(self._key(comparison_id, "cand", label))
@@ -897,24 +899,77 @@ def _encode(value: Any) -> str:
     return str(value)
 
 
-def _decode_candidate(data: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = dict(data)
-    out["done"] = int(data.get("done", 0))
-    out["total"] = int(data.get("total", 0))
-    out["tokens_per_second"] = float(data["tokens_per_second"]) if data.get("tokens_per_second") else None
-    out["eta_s"] = float(data["eta_s"]) if data.get("eta_s") else None
-    out["cache_hits"] = int(data.get("cache_hits", 0))
-    out["metrics"] = json.loads(data["metrics"]) if data.get("metrics") else {}
-    out["aggregates"] = json.loads(data["aggregates"]) if data.get("aggregates") else {}
-    out["metrics_unavailable"] = (
-        json.loads(data["metrics_unavailable"]) if data.get("metrics_unavailable") else {}
+# ---- decoding: the one place that reads a stored hash's strings. A field may be absent (a
+# record stored before it existed, or one not written yet): it reads as its default.
+def _decode_comparison(data: Mapping[str, str]) -> ComparisonRecord:
+    return ComparisonRecord(
+        id=data["id"],
+        spec=ComparisonSpec.model_validate_json(data["spec"]),
+        status=ComparisonStatus(data["status"]),
+        created_at=datetime.fromisoformat(data["created_at"]),
+        # Comparisons stored before owners existed belong to the local owner.
+        owner=data.get("owner") or LOCAL_OWNER,
+        rows=_int(data, "rows"),
+        started_at=_time(data, "started_at"),
+        finished_at=_time(data, "finished_at"),
+        finalized_at=_time(data, "finalized_at"),
+        experiment_id=data.get("experiment_id"),
+        parent_run_id=data.get("parent_run_id"),
+        error=data.get("error"),
+        pairwise=tuple(_json(data, "pairwise") or ()),
+        judge_ranking=_json(data, "judge_ranking"),
+        judge_ranking_unavailable=data.get("judge_ranking_unavailable"),
     )
-    return out
+
+
+def _decode_candidate(data: Mapping[str, str]) -> CandidateRecord:
+    return CandidateRecord(
+        label=data["label"],
+        model=data["model"],
+        status=CandidateState(data["status"]),
+        done=_int(data, "done"),
+        total=_int(data, "total"),
+        tokens_per_second=_float(data, "tokens_per_second"),
+        eta_s=_float(data, "eta_s"),
+        cache_hits=_int(data, "cache_hits"),
+        metrics=_json(data, "metrics") or {},
+        aggregates=_json(data, "aggregates") or {},
+        metrics_unavailable=_json(data, "metrics_unavailable") or {},
+        run_id=data.get("run_id"),
+        worker=data.get("worker"),
+        error=data.get("error"),
+        started_at=_time(data, "started_at"),
+        generation_started_at=_time(data, "generation_started_at"),
+        finished_at=_time(data, "finished_at"),
+    )
+
+
+def _int(data: Mapping[str, str], name: str) -> int:
+    raw = data.get(name)
+    return int(raw) if raw else 0
+
+
+def _float(data: Mapping[str, str], name: str) -> float | None:
+    raw = data.get(name)
+    return float(raw) if raw else None
+
+
+def _time(data: Mapping[str, str], name: str) -> datetime | None:
+    raw = data.get(name)
+    return datetime.fromisoformat(raw) if raw else None
+
+
+def _json(data: Mapping[str, str], name: str) -> Any:
+    raw = data.get(name)
+    return json.loads(raw) if raw else None
 
 
 __all__ = [
     "FINAL_COMPARISON_STATUSES",
+    "CandidateRecord",
     "ComparisonNotFound",
+    "ComparisonRecord",
+    "ComparisonSpec",
     "ComparisonStore",
     "LeaseLost",
     "utcnow",

@@ -23,6 +23,7 @@ from services.api.service import load_owned
 from shared.arena import draw_matchup, encode_votes, judge_agreement, metric_agreement
 from shared.metrics import metric_registry
 from shared.ranking import ARENA_METHOD, arena_ranking
+from shared.records import ComparisonRecord
 from shared.schemas import (
     CandidateState,
     ComparisonStatus,
@@ -51,37 +52,33 @@ class InvalidFeedback(InvalidComparison):
 class _Open:
     """A comparison that takes votes and ratings."""
 
-    record: dict[str, Any]
+    record: ComparisonRecord
     rows: int
     labels: list[str]
     succeeded: list[str]
 
 
-def _load(store: ComparisonStore, comparison_id: str, principal: Principal) -> dict[str, Any]:
+def _load(store: ComparisonStore, comparison_id: str, principal: Principal) -> ComparisonRecord:
     return load_owned(store, comparison_id, principal)
 
 
 def _succeeded(store: ComparisonStore, comparison_id: str, labels: list[str]) -> list[str]:
-    return [
-        c["label"]
-        for c in store.candidates(comparison_id, labels)
-        if c["status"] == CandidateState.succeeded.value
-    ]
+    return [c.label for c in store.candidates(comparison_id, labels) if c.status is CandidateState.succeeded]
 
 
 def _open(store: ComparisonStore, comparison_id: str, principal: Principal) -> _Open:
     record = _load(store, comparison_id, principal)
-    status = ComparisonStatus(record["status"])
+    status = record.status
     if status not in OPEN_STATUSES:
         message = (
             f"comparison {comparison_id} is {status.value}; votes and ratings are taken once it has "
             "ended with outputs (succeeded or partially_failed)"
         )
         raise Conflict(message, fields=[FieldProblem("status", message)])
-    labels = [c["label"] for c in record["spec"]["candidates"]]
+    labels = record.labels
     return _Open(
         record=record,
-        rows=record["rows"],
+        rows=record.rows,
         labels=labels,
         succeeded=_succeeded(store, comparison_id, labels),
     )
@@ -270,15 +267,14 @@ def _output(produced: list[str | None], row: int) -> str:
 def read_votes(*, comparison_id: str, store: ComparisonStore, principal: Principal) -> VotesRead:
     """Every vote, the candidates ranked by them, and how they agree with the judge and metrics."""
     record = _load(store, comparison_id, principal)
-    labels = [c["label"] for c in record["spec"]["candidates"]]
-    succeeded = _succeeded(store, comparison_id, labels)
+    succeeded = _succeeded(store, comparison_id, record.labels)
     votes = store.votes(comparison_id)
     ranking = arena_ranking(succeeded, [(v["a"], v["b"], v["winner"]) for v in votes])
 
-    encoded = encode_votes(votes, succeeded, record["rows"])
-    judge_ranking = record.get("judge_ranking")
+    encoded = encode_votes(votes, succeeded, record.rows)
+    judge_ranking = record.judge_ranking
     registry = metric_registry(store.r, store.prefix)
-    metrics = [m for m in record["spec"].get("metrics", []) if m in registry]
+    metrics = [m for m in record.spec.metrics if m in registry]
     scores: dict[str, dict[str, list[Any]]] = {metric: {} for metric in metrics}
     if metrics and votes:
         for label in succeeded:

@@ -17,6 +17,7 @@ from services.api.errors import Conflict, FieldProblem, InvalidComparison, NotFo
 from services.api.queue import Publisher, QueueUnavailable
 from services.api.validation import validate_comparison
 from shared.metrics import metric_registry
+from shared.records import CandidateRecord, ComparisonRecord
 from shared.results import side_by_side
 from shared.schemas import (
     AuditRead,
@@ -32,7 +33,7 @@ from shared.schemas import (
     ResultRow,
 )
 from shared.settings import Settings
-from shared.store import LOCAL_OWNER, ComparisonNotFound, ComparisonStore
+from shared.store import ComparisonNotFound, ComparisonStore
 
 log = structlog.get_logger()
 
@@ -81,14 +82,14 @@ def submit_comparison(
     return _to_read(record, candidates, settings, principal)
 
 
-def load_owned(store: ComparisonStore, comparison_id: str, principal: Principal) -> dict[str, Any]:
+def load_owned(store: ComparisonStore, comparison_id: str, principal: Principal) -> ComparisonRecord:
     """The comparison's record when the caller may see it. Someone else's is "not found", not
     "forbidden": a key learns nothing about ids that are not its own."""
     try:
         record = store.get(comparison_id)
     except ComparisonNotFound:
         record = None
-    if record is None or not principal.owns(record.get("owner") or LOCAL_OWNER):
+    if record is None or not principal.owns(record.owner):
         raise NotFound(f"No comparison with id {comparison_id!r}")
     return record
 
@@ -97,69 +98,68 @@ def read_comparison(
     *, comparison_id: str, store: ComparisonStore, settings: Settings, principal: Principal
 ) -> ComparisonRead:
     record = load_owned(store, comparison_id, principal)
-    labels = [c["label"] for c in record["spec"]["candidates"]]
-    return _to_read(record, store.candidates(comparison_id, labels), settings, principal)
+    return _to_read(record, store.candidates(comparison_id, record.labels), settings, principal)
 
 
 def _to_read(
-    record: dict[str, Any], stored: list[dict[str, Any]], settings: Settings, principal: Principal
+    record: ComparisonRecord, stored: list[CandidateRecord], settings: Settings, principal: Principal
 ) -> ComparisonRead:
-    spec = record["spec"]
+    spec = record.spec
     ui = settings.mlflow_ui_url
-    experiment_id = record.get("experiment_id")
+    experiment_id = record.experiment_id
     candidates = []
     for cand in stored:
-        run_id = cand.get("run_id")
+        run_id = cand.run_id
         candidates.append(
             CandidateStatus(
-                label=cand["label"],
-                model=cand["model"],
-                status=CandidateState(cand["status"]),
+                label=cand.label,
+                model=cand.model,
+                status=cand.status,
                 progress=Progress(
-                    done=cand["done"],
-                    total=cand["total"],
-                    tokens_per_second=cand["tokens_per_second"],
-                    eta_s=cand["eta_s"],
-                    cache_hits=cand["cache_hits"],
+                    done=cand.done,
+                    total=cand.total,
+                    tokens_per_second=cand.tokens_per_second,
+                    eta_s=cand.eta_s,
+                    cache_hits=cand.cache_hits,
                 ),
-                metrics=cand["metrics"],
-                metrics_unavailable=cand.get("metrics_unavailable") or {},
-                aggregates=cand["aggregates"],
+                metrics=cand.metrics,
+                metrics_unavailable=cand.metrics_unavailable,
+                aggregates=cand.aggregates,
                 mlflow_run_id=run_id,
                 mlflow_run_url=f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
                 if run_id and experiment_id
                 else None,
-                error=cand.get("error"),
+                error=cand.error,
                 # Host names and process ids are the operators' business.
-                worker=cand.get("worker") if principal.is_admin else None,
-                started_at=cand.get("started_at"),
-                generation_started_at=cand.get("generation_started_at"),
-                finished_at=cand.get("finished_at"),
+                worker=cand.worker if principal.is_admin else None,
+                started_at=cand.started_at,
+                generation_started_at=cand.generation_started_at,
+                finished_at=cand.finished_at,
             )
         )
-    parent = record.get("parent_run_id")
+    parent = record.parent_run_id
     url = None
     if experiment_id:
         url = f"{ui}/#/experiments/{experiment_id}" + (f"/runs/{parent}" if parent else "")
     return ComparisonRead(
-        id=record["id"],
-        name=spec["name"],
-        status=ComparisonStatus(record["status"]),
-        experiment=spec["experiment"],
-        model_type=spec.get("model_type"),
-        metrics=spec["metrics"],
-        tags=spec.get("tags") or {},
-        rows=record["rows"],
-        created_at=record["created_at"],
-        started_at=record.get("started_at"),
-        finished_at=record.get("finished_at"),
+        id=record.id,
+        name=spec.name,
+        status=record.status,
+        experiment=spec.experiment,
+        model_type=spec.model_type,
+        metrics=spec.metrics,
+        tags=spec.tags,
+        rows=record.rows,
+        created_at=record.created_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
         mlflow=MlflowLinks(experiment_id=experiment_id, parent_run_id=parent, url=url),
         candidates=candidates,
-        pairwise=record["pairwise"],
-        judge_ranking=record["judge_ranking"],
-        judge_ranking_unavailable=record.get("judge_ranking_unavailable"),
-        error=record.get("error"),
-        owner=record.get("owner") or LOCAL_OWNER,
+        pairwise=record.pairwise,
+        judge_ranking=record.judge_ranking,
+        judge_ranking_unavailable=record.judge_ranking_unavailable,
+        error=record.error,
+        owner=record.owner,
     )
 
 
@@ -180,8 +180,9 @@ def list_comparisons(
     for comparison_id in ids:
         try:
             record = store.get(comparison_id)
-            labels = [c["label"] for c in record["spec"]["candidates"]]
-            items.append(_to_read(record, store.candidates(comparison_id, labels), settings, principal))
+            items.append(
+                _to_read(record, store.candidates(comparison_id, record.labels), settings, principal)
+            )
         except ComparisonNotFound:  # expired between the index read and now
             continue
     return ComparisonPage(items=items, total=total, limit=limit, offset=offset)
@@ -204,9 +205,8 @@ def cancel_comparison(
     if not cancelled:
         status = store.status(comparison_id)
         raise Conflict(f"Comparison {comparison_id} has already ended ({status.value}); nothing to cancel")
-    labels = [c["label"] for c in record["spec"]["candidates"]]
     # Candidates that have not started are cancelled here; running ones notice between batches.
-    for label in labels:
+    for label in record.labels:
         store.transition_candidate(
             comparison_id, label, CandidateState.cancelled, allowed_from=[CandidateState.queued]
         )
@@ -220,7 +220,7 @@ def comparison_results(
     *, comparison_id: str, store: ComparisonStore, principal: Principal
 ) -> ComparisonResults:
     record = load_owned(store, comparison_id, principal)
-    labels = [c["label"] for c in record["spec"]["candidates"]]
+    labels = record.labels
     table = side_by_side(
         store.rows(comparison_id),
         labels,
@@ -229,7 +229,7 @@ def comparison_results(
     )
     return ComparisonResults(
         id=comparison_id,
-        status=ComparisonStatus(record["status"]),
+        status=record.status,
         candidates=labels,
         rows=[ResultRow.model_validate(row) for row in table],
     )

@@ -39,7 +39,7 @@ def log_feedback(ctx: WorkerContext, comparison_id: str) -> str:
     # First, so that a vote stored from here on queues another run instead of being missed.
     store.release_feedback_log(comparison_id)
     record = store.get(comparison_id)
-    parent_run_id = record.get("parent_run_id")
+    parent_run_id = record.parent_run_id
     if not parent_run_id:
         log.info("feedback.skip_log", comparison_id=comparison_id, reason="no parent run")
         return "skipped"
@@ -49,11 +49,10 @@ def log_feedback(ctx: WorkerContext, comparison_id: str) -> str:
     replace_table(client, parent_run_id, VOTES_TABLE, VOTE_COLUMNS, votes)
     replace_table(client, parent_run_id, RATINGS_TABLE, RATING_COLUMNS, ratings)
 
-    labels = [c["label"] for c in record["spec"]["candidates"]]
     succeeded = [
-        c["label"]
-        for c in store.candidates(comparison_id, labels)
-        if c["status"] == CandidateState.succeeded.value
+        c.label
+        for c in store.candidates(comparison_id, record.labels)
+        if c.status is CandidateState.succeeded
     ]
     ranking = arena_ranking(succeeded, [(v["a"], v["b"], v["winner"]) for v in votes], resamples=0)
     # Stamped with the last vote's time rather than now, so a redelivered task logs the very same

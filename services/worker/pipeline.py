@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,7 @@ from services.worker.response_cache import ResponseCache, cache_keys
 from services.worker.stats import paired_compare
 from services.worker.summary import build_summary, render_html
 from shared.metrics import METRICS, MetricInfo
+from shared.records import CandidateRecord, ComparisonSpec
 from shared.schemas import (
     FINAL_CANDIDATE_STATES,
     CandidateSpec,
@@ -94,7 +95,7 @@ def start_comparison(ctx: WorkerContext, comparison_id: str) -> str:
         if status is ComparisonStatus.cancelled:
             # Cancelled before it started: nothing runs its candidates, so count them as ended
             # here and let the summary step close the comparison.
-            labels = [c["label"] for c in store.spec(comparison_id)["candidates"]]
+            labels = store.spec(comparison_id).labels
             _count_final_candidates_as_ended(ctx, comparison_id, labels)
             queue_finalize_when_done(ctx, comparison_id, labels)
         return "skipped"
@@ -143,30 +144,29 @@ def _start_locked(ctx: WorkerContext, comparison_id: str) -> str:
     if store.transition(comparison_id, ComparisonStatus.running, allowed_from=[ComparisonStatus.queued]):
         store.set_fields(comparison_id, started_at=utcnow())
     record = store.get(comparison_id)
-    spec = record["spec"]
+    spec = record.spec
     client = tracking.client(ctx.settings.mlflow_tracking_uri)
-    experiment_id = tracking.ensure_experiment(client, spec["experiment"])
+    experiment_id = tracking.ensure_experiment(client, spec.experiment)
     parent_run_id = tracking.ensure_parent_run(
-        client, experiment_id=experiment_id, comparison_id=comparison_id, name=spec["name"], tags=spec["tags"]
+        client, experiment_id=experiment_id, comparison_id=comparison_id, name=spec.name, tags=spec.tags
     )
     store.set_fields(comparison_id, experiment_id=experiment_id, parent_run_id=parent_run_id)
     _log_params(
         client,
         parent_run_id,
         {
-            "name": spec["name"],
-            "model_type": spec.get("model_type"),
-            "metrics": ",".join(spec["metrics"]),
-            "rows": record["rows"],
-            "candidates": ",".join(c["label"] for c in spec["candidates"]),
+            "name": spec.name,
+            "model_type": spec.model_type,
+            "metrics": ",".join(spec.metrics),
+            "rows": record.rows,
+            "candidates": ",".join(spec.labels),
         },
     )
     client.log_dict(parent_run_id, {"rows": store.rows(comparison_id)}, "dataset.json")
-    client.log_dict(parent_run_id, spec, "comparison_spec.json")
+    client.log_dict(parent_run_id, spec.model_dump(mode="json"), "comparison_spec.json")
 
     already = store.task_ids(comparison_id)
-    for candidate in spec["candidates"]:
-        label = candidate["label"]
+    for label in spec.labels:
         if label in already:  # a redelivered start task: that candidate is already queued
             continue
         queue_candidate(ctx, comparison_id, label)
@@ -238,7 +238,7 @@ def run_candidate(ctx: WorkerContext, comparison_id: str, label: str) -> str:
     store = ctx.store
     lease = Lease(store.r, store.lease_key(comparison_id, label), ttl_s=ctx.settings.candidate_lease_s)
     if not lease.acquire():
-        state = CandidateState(store.candidate(comparison_id, label)["status"])
+        state = store.candidate(comparison_id, label).status
         if state in FINAL_CANDIDATE_STATES:
             candidate_ended(ctx, comparison_id, label)
             return state.value
@@ -264,7 +264,7 @@ def _run_candidate_locked(
     store = ctx.store
     writer = CandidateWriter(store, comparison_id, label, lease)
     stored = store.candidate(comparison_id, label)
-    state = CandidateState(stored["status"])
+    state = stored.status
     if state in FINAL_CANDIDATE_STATES:
         return state.value
     if store.status(comparison_id) is ComparisonStatus.cancelled:
@@ -272,7 +272,7 @@ def _run_candidate_locked(
             CandidateState.cancelled, allowed_from=[CandidateState.queued, CandidateState.running]
         )
         # An earlier delivery may have opened the candidate's run before the cancel.
-        end_run(ctx, stored.get("run_id"), "KILLED")
+        end_run(ctx, stored.run_id, "KILLED")
         return "cancelled"
     if deaths > ctx.settings.max_worker_deaths:
         message = (
@@ -284,23 +284,25 @@ def _run_candidate_locked(
             allowed_from=[CandidateState.queued, CandidateState.running],
             error=message,
         )
-        end_run(ctx, stored.get("run_id"), "FAILED", error=message)
+        end_run(ctx, stored.run_id, "FAILED", error=message)
         log.warning("candidate.failed", comparison_id=comparison_id, label=label, error=message)
         return "failed"
     if not writer.transition(
         CandidateState.running, allowed_from=[CandidateState.queued, CandidateState.running]
     ):
         # Cancelled (or failed by the reconciler) between the reads above and now.
-        return str(store.candidate(comparison_id, label)["status"])
+        return store.candidate(comparison_id, label).status.value
     record = store.get(comparison_id)
-    spec = record["spec"]
-    candidate = CandidateSpec.model_validate(next(c for c in spec["candidates"] if c["label"] == label))
+    spec = record.spec
+    candidate = spec.candidate(label)
+    # Both written by the start step, which queued this candidate after writing them.
+    assert record.experiment_id is not None and record.parent_run_id is not None
     rows = store.rows(comparison_id)
     client = tracking.client(ctx.settings.mlflow_tracking_uri)
     run_id = tracking.ensure_candidate_run(
         client,
-        experiment_id=record["experiment_id"],
-        parent_run_id=record["parent_run_id"],
+        experiment_id=record.experiment_id,
+        parent_run_id=record.parent_run_id,
         comparison_id=comparison_id,
         label=label,
     )
@@ -318,7 +320,7 @@ def _run_candidate_locked(
                 rows=rows,
                 spec=spec,
                 run_id=run_id,
-                experiment_id=record["experiment_id"],
+                experiment_id=record.experiment_id,
                 writer=writer,
             )
     except GenerationCancelled:
@@ -346,7 +348,7 @@ def _run_candidate_locked(
     if not writer.transition(CandidateState.succeeded, allowed_from=[CandidateState.running]):
         # Ended meanwhile from outside (the reconciler cancelled it): that state stands, and the
         # summary step ends the run to match.
-        return str(store.candidate(comparison_id, label)["status"])
+        return store.candidate(comparison_id, label).status.value
     client.set_terminated(run_id, status="FINISHED")
     log.info(
         "candidate.finished",
@@ -394,7 +396,7 @@ def give_up_candidate(
             error=message,
         ):
             log.warning("candidate.failed", comparison_id=comparison_id, label=label, error=message)
-            end_run(ctx, store.candidate(comparison_id, label).get("run_id"), "FAILED", error=message)
+            end_run(ctx, store.candidate(comparison_id, label).run_id, "FAILED", error=message)
     finally:
         lease.release()
     candidate_ended(ctx, comparison_id, label)
@@ -429,7 +431,7 @@ def _generate_and_evaluate(
     comparison_id: str,
     candidate: CandidateSpec,
     rows: list[dict[str, Any]],
-    spec: dict[str, Any],
+    spec: ComparisonSpec,
     run_id: str,
     experiment_id: str,
     writer: CandidateWriter,
@@ -447,7 +449,7 @@ def _generate_and_evaluate(
     cache = ResponseCache(store, ttl_s=ctx.settings.result_ttl_s)
     keys = cache_keys(candidate=candidate, loaded=loaded, prompts=prompts, chat=chat)
     # A model whose exact weights are unknown (a hub branch without its commit) shares nothing.
-    use_cache = spec.get("cache", True) and loaded.cacheable
+    use_cache = spec.cache and loaded.cacheable
     cached = cache.get_many(keys) if use_cache else [None] * len(prompts)
     missing = [i for i, hit in enumerate(cached) if hit is None]
     hits = len(prompts) - len(missing)
@@ -505,7 +507,7 @@ def _generate_and_evaluate(
         "batch_size": ctx.settings.generation_batch_size,
         "kv_cache_budget_mb": ctx.settings.generation_kv_cache_mb,
         "response_cache": "on" if use_cache else "off",
-        "model_type": spec.get("model_type"),
+        "model_type": spec.model_type,
         **{f"generation.{k}": v for k, v in candidate.generation.model_dump().items()},
         **loaded.params,
     }
@@ -531,12 +533,12 @@ def _generate_and_evaluate(
         rows=rows,
         prompts=prompts,
         generated=generated,
-        metric_names=spec["metrics"],
-        model_type=spec.get("model_type"),
+        metric_names=list(spec.metrics),
+        model_type=spec.model_type,
         options={
-            "regex": spec.get("regex"),
-            "judge_rubric": spec.get("judge_rubric"),
-            "judge": _judge_if_needed(ctx, spec["metrics"]),
+            "regex": spec.regex,
+            "judge_rubric": spec.judge_rubric,
+            "judge": _judge_if_needed(ctx, spec.metrics),
             "judge_unavailable": judge_unavailable,
         },
         custom=ctx.custom_metrics,
@@ -561,7 +563,7 @@ def _generate_and_evaluate(
     return scored
 
 
-def _judge_if_needed(ctx: WorkerContext, metric_names: list[str]) -> Judge | None:
+def _judge_if_needed(ctx: WorkerContext, metric_names: Sequence[str]) -> Judge | None:
     registry = ctx.metric_info()
     if not any(registry[name].needs_judge for name in metric_names if name in registry):
         return None
@@ -592,7 +594,7 @@ def candidate_ended(ctx: WorkerContext, comparison_id: str, label: str) -> None:
     """Count a candidate as ended; once every candidate has, queue the summary step, once."""
     store = ctx.store
     store.mark_ended(comparison_id, label)
-    labels = [c["label"] for c in store.spec(comparison_id)["candidates"]]
+    labels = store.spec(comparison_id).labels
     if store.status(comparison_id) is ComparisonStatus.cancelled:
         # The gateway cancels queued candidates and revokes their tasks, which then never run to
         # say that they ended: without this the summary step (which ends the parent run) never
@@ -603,8 +605,8 @@ def candidate_ended(ctx: WorkerContext, comparison_id: str, label: str) -> None:
 
 def _count_final_candidates_as_ended(ctx: WorkerContext, comparison_id: str, labels: list[str]) -> None:
     for candidate in ctx.store.candidates(comparison_id, labels):
-        if CandidateState(candidate["status"]) in FINAL_CANDIDATE_STATES:
-            ctx.store.mark_ended(comparison_id, candidate["label"])
+        if candidate.is_final:
+            ctx.store.mark_ended(comparison_id, candidate.label)
 
 
 def queue_finalize_when_done(ctx: WorkerContext, comparison_id: str, labels: list[str]) -> bool:
@@ -633,39 +635,34 @@ def finalize_comparison(ctx: WorkerContext, comparison_id: str) -> str:
         return "busy"
     with lease.kept_alive():
         record = store.get(comparison_id)
-        labels = [c["label"] for c in record["spec"]["candidates"]]
-        _end_candidate_runs(ctx, store.candidates(comparison_id, labels))
+        _end_candidate_runs(ctx, store.candidates(comparison_id, record.labels))
         return _finalize_locked(ctx, comparison_id)
 
 
 _RUN_STATUS = {
-    CandidateState.succeeded.value: "FINISHED",
-    CandidateState.failed.value: "FAILED",
-    CandidateState.cancelled.value: "KILLED",
+    CandidateState.succeeded: "FINISHED",
+    CandidateState.failed: "FAILED",
+    CandidateState.cancelled: "KILLED",
 }
 
 
-def _end_candidate_runs(ctx: WorkerContext, candidates: list[dict[str, Any]]) -> None:
+def _end_candidate_runs(ctx: WorkerContext, candidates: list[CandidateRecord]) -> None:
     """End candidate runs still RUNNING in MLflow: a candidate failed from outside its process
     (hard time limit, a worker that died too often) may not have reached the server then."""
     client = tracking.client(ctx.settings.mlflow_tracking_uri)
     for candidate in candidates:
-        status = _RUN_STATUS.get(candidate["status"])
-        if (
-            candidate.get("run_id")
-            and status
-            and client.get_run(candidate["run_id"]).info.status == "RUNNING"
-        ):
-            client.set_terminated(candidate["run_id"], status=status)
+        status = _RUN_STATUS.get(candidate.status)
+        if candidate.run_id and status and client.get_run(candidate.run_id).info.status == "RUNNING":
+            client.set_terminated(candidate.run_id, status=status)
 
 
 def _finalize_locked(ctx: WorkerContext, comparison_id: str) -> str:
     store = ctx.store
     record = store.get(comparison_id)
-    spec = record["spec"]
-    labels = [c["label"] for c in spec["candidates"]]
+    spec = record.spec
+    labels = spec.labels
     candidates = store.candidates(comparison_id, labels)
-    states = [CandidateState(c["status"]) for c in candidates]
+    states = [c.status for c in candidates]
     succeeded = sum(s is CandidateState.succeeded for s in states)
     if succeeded == len(states):
         outcome = ComparisonStatus.succeeded
@@ -673,23 +670,21 @@ def _finalize_locked(ctx: WorkerContext, comparison_id: str) -> str:
         outcome = ComparisonStatus.partially_failed
     else:
         outcome = ComparisonStatus.failed
-    failed_errors = [
-        f"{c['label']}: {c.get('error')}" for c in candidates if c["status"] == CandidateState.failed.value
-    ]
+    failed_errors = [f"{c.label}: {c.error}" for c in candidates if c.status is CandidateState.failed]
 
     rows = store.rows(comparison_id)
     outputs = {label: store.outputs(comparison_id, label) for label in labels}
-    pairwise = pairwise_statistics(spec["metrics"], candidates, outputs, ctx.metric_info())
+    pairwise = pairwise_statistics(spec.metrics, candidates, outputs, ctx.metric_info())
     store.set_fields(comparison_id, pairwise=json.dumps(pairwise))
     judge_ranking = None
-    if spec.get("pairwise_judge"):
+    if spec.pairwise_judge:
         judge_ranking, unavailable = pairwise_judging(ctx, spec, rows, candidates, outputs)
         store.set_fields(
             comparison_id, judge_ranking=json.dumps(judge_ranking), judge_ranking_unavailable=unavailable
         )
-        if unavailable and record.get("parent_run_id"):
+        if unavailable and record.parent_run_id:
             tracking.client(ctx.settings.mlflow_tracking_uri).set_tag(
-                record["parent_run_id"], "llm_compare.judge_ranking_unavailable", unavailable[:5000]
+                record.parent_run_id, "llm_compare.judge_ranking_unavailable", unavailable[:5000]
             )
     summary = build_summary(
         comparison_id=comparison_id,
@@ -701,16 +696,16 @@ def _finalize_locked(ctx: WorkerContext, comparison_id: str) -> str:
         pairwise=pairwise,
         judge_ranking=judge_ranking,
     )
-    parent_run_id = record.get("parent_run_id")
+    parent_run_id = record.parent_run_id
     if parent_run_id:
         client = tracking.client(ctx.settings.mlflow_tracking_uri)
         client.log_dict(parent_run_id, summary, "comparison_summary.json")
         client.log_text(parent_run_id, render_html(summary), "comparison_summary.html")
         now_ms = int(time.time() * 1000)
         metrics = [
-            Metric(f"{c['label']}/{name}", float(value), now_ms, 0)
+            Metric(f"{c.label}/{name}", float(value), now_ms, 0)
             for c in candidates
-            for name, value in (c.get("metrics") or {}).items()
+            for name, value in c.metrics.items()
             if value is not None
         ]
         if metrics:
@@ -725,7 +720,7 @@ def _finalize_locked(ctx: WorkerContext, comparison_id: str) -> str:
     # A cancelled comparison keeps its status; anything else takes the outcome.
     store.transition(comparison_id, outcome, allowed_from=[ComparisonStatus.running, ComparisonStatus.queued])
     # An error the start step recorded (fail_comparison) says more than the candidates' echoes.
-    if failed_errors and outcome is not ComparisonStatus.succeeded and not record.get("error"):
+    if failed_errors and outcome is not ComparisonStatus.succeeded and not record.error:
         store.set_fields(comparison_id, error="; ".join(failed_errors)[:2000])
     store.mark_finalized(comparison_id)
     final = store.status(comparison_id)
@@ -734,17 +729,13 @@ def _finalize_locked(ctx: WorkerContext, comparison_id: str) -> str:
 
 
 def pairwise_statistics(
-    metric_names: list[str],
-    candidates: list[dict[str, Any]],
+    metric_names: Sequence[str],
+    candidates: list[CandidateRecord],
     outputs: dict[str, list[dict[str, Any]] | None],
     registry: dict[str, MetricInfo],
 ) -> list[dict[str, Any]]:
     """Paired comparisons of every two succeeded candidates on every registry metric."""
-    done = [
-        c["label"]
-        for c in candidates
-        if c["status"] == CandidateState.succeeded.value and outputs.get(c["label"])
-    ]
+    done = [c.label for c in candidates if c.status is CandidateState.succeeded and outputs.get(c.label)]
     results = []
     for i, a in enumerate(done):
         for b in done[i + 1 :]:
@@ -768,19 +759,15 @@ def pairwise_statistics(
 
 def pairwise_judging(
     ctx: WorkerContext,
-    spec: dict[str, Any],
+    spec: ComparisonSpec,
     rows: list[dict[str, Any]],
-    candidates: list[dict[str, Any]],
+    candidates: list[CandidateRecord],
     outputs: dict[str, list[dict[str, Any]] | None],
 ) -> tuple[dict[str, Any] | None, str | None]:
     """The judge's row-by-row preferences between every two succeeded candidates, and a
     Bradley-Terry ranking resting on them; or None and why there is none. A judge that fails
     leaves the ranking out, never the comparison (whose candidates have all ended by now)."""
-    done = [
-        c["label"]
-        for c in candidates
-        if c["status"] == CandidateState.succeeded.value and outputs.get(c["label"])
-    ]
+    done = [c.label for c in candidates if c.status is CandidateState.succeeded and outputs.get(c.label)]
     if len(done) < 2:
         return None, f"pairwise judging needs two succeeded candidates with outputs; {len(done)} did"
     try:
@@ -854,7 +841,7 @@ def fail_comparison(ctx: WorkerContext, comparison_id: str, message: str) -> Non
         return
     store.set_fields(comparison_id, error=message)
     store.mark_open(comparison_id)
-    labels = [c["label"] for c in store.spec(comparison_id)["candidates"]]
+    labels = store.spec(comparison_id).labels
     queued = store.task_ids(comparison_id)
     for label in labels:
         if label not in queued:
@@ -874,11 +861,11 @@ def fail_finalize(ctx: WorkerContext, comparison_id: str, message: str) -> None:
         allowed_from=[ComparisonStatus.queued, ComparisonStatus.running],
     )
     record = store.get(comparison_id)
-    if not record.get("error"):
+    if not record.error:
         store.set_fields(comparison_id, error=message[:2000])
-    parent_run_id = record.get("parent_run_id")
+    parent_run_id = record.parent_run_id
     if parent_run_id:
-        status = "KILLED" if record["status"] == ComparisonStatus.cancelled.value else "FAILED"
+        status = "KILLED" if record.status is ComparisonStatus.cancelled else "FAILED"
         client = tracking.client(ctx.settings.mlflow_tracking_uri)
         try:
             client.set_tag(parent_run_id, "llm_compare.error", message[:5000])

@@ -121,9 +121,9 @@ def reconcile_comparison(
 ) -> list[str]:
     store, settings = ctx.store, ctx.settings
     record = store.get(comparison_id)
-    status = ComparisonStatus(record["status"])
-    labels = [c["label"] for c in record["spec"]["candidates"]]
-    states = {c["label"]: CandidateState(c["status"]) for c in store.candidates(comparison_id, labels)}
+    status = record.status
+    labels = record.labels
+    states = {c.label: c.status for c in store.candidates(comparison_id, labels)}
     steps = [START_STEP, *labels, FINALIZE_STEP]
     in_flight = store.steps_in_flight(comparison_id, steps)
     live = {step for step in steps if in_flight[step] or step in waiting}
@@ -152,7 +152,7 @@ def reconcile_comparison(
             pipeline.dispatch_step(ctx, START_COMPARISON, comparison_id, START_STEP)
             act(START_STEP, "queued again")
 
-    started = status is not ComparisonStatus.queued and bool(record.get("parent_run_id"))
+    started = status is not ComparisonStatus.queued and bool(record.parent_run_id)
     if not started:
         if status is ComparisonStatus.cancelled:
             # Cancelled before it started: the start task, when it runs, closes it.
@@ -226,7 +226,7 @@ def _cancel_candidate(ctx: pipeline.WorkerContext, comparison_id: str, label: st
         if writer.transition(
             CandidateState.cancelled, allowed_from=[CandidateState.queued, CandidateState.running]
         ):
-            pipeline.end_run(ctx, store.candidate(comparison_id, label).get("run_id"), "KILLED")
+            pipeline.end_run(ctx, store.candidate(comparison_id, label).run_id, "KILLED")
     finally:
         lease.release()
     pipeline.candidate_ended(ctx, comparison_id, label)

@@ -6,15 +6,16 @@ import html
 from typing import Any
 
 from shared.metrics import MetricInfo
+from shared.records import CandidateRecord, ComparisonSpec
 from shared.results import side_by_side
 
 
 def build_summary(
     *,
     comparison_id: str,
-    spec: dict[str, Any],
+    spec: ComparisonSpec,
     rows: list[dict[str, Any]],
-    candidates: list[dict[str, Any]],
+    candidates: list[CandidateRecord],
     outputs: dict[str, list[dict[str, Any]] | None],
     registry: dict[str, MetricInfo],
     pairwise: list[dict[str, Any]] | None = None,
@@ -22,14 +23,13 @@ def build_summary(
 ) -> dict[str, Any]:
     """``registry`` holds every metric the workers know, custom ones included: each metric's
     direction and scale are recorded here, so the summary reads the same without it."""
-    labels = [c["label"] for c in spec["candidates"]]
-    named = dict.fromkeys([*spec["metrics"], *(m for c in candidates for m in (c.get("metrics") or {}))])
+    named = dict.fromkeys([*spec.metrics, *(m for c in candidates for m in c.metrics)])
     return {
         "id": comparison_id,
-        "name": spec["name"],
-        "experiment": spec["experiment"],
-        "model_type": spec.get("model_type"),
-        "metrics": spec["metrics"],
+        "name": spec.name,
+        "experiment": spec.experiment,
+        "model_type": spec.model_type,
+        "metrics": list(spec.metrics),
         # MLflow built-ins outside the registry (e.g. toxicity) have no entry: no direction known.
         "metric_info": {
             name: {
@@ -44,19 +44,19 @@ def build_summary(
         },
         "candidates": [
             {
-                "label": c["label"],
-                "model": c["model"],
-                "status": c["status"],
-                "error": c.get("error"),
-                "mlflow_run_id": c.get("run_id"),
-                "metrics": c.get("metrics") or {},
-                "aggregates": c.get("aggregates") or {},
+                "label": c.label,
+                "model": c.model,
+                "status": c.status.value,
+                "error": c.error,
+                "mlflow_run_id": c.run_id,
+                "metrics": dict(c.metrics),
+                "aggregates": dict(c.aggregates),
             }
             for c in candidates
         ],
         "pairwise": pairwise or [],
         "judge_ranking": judge_ranking,
-        "rows": side_by_side(rows, labels, outputs),
+        "rows": side_by_side(rows, spec.labels, outputs),
     }
 
 

@@ -157,10 +157,10 @@ class TestNewComparisonForm:
         assert response.status_code == 303, response.text[:2000]
         comparison_id = response.headers["location"].rsplit("/", 1)[1]
         stored = store.spec(comparison_id)
-        assert [c["label"] for c in stored["candidates"]] == ["greedy", "sampled"]
-        assert stored["candidates"][1]["generation"]["temperature"] == 0.7
-        assert stored["candidates"][1]["generation"]["do_sample"] is True
-        assert stored["metrics"] == ["exact_match", "output_words"]
+        assert stored.labels == ["greedy", "sampled"]
+        assert stored.candidates[1].generation.temperature == 0.7
+        assert stored.candidates[1].generation.do_sample is True
+        assert stored.metrics == ("exact_match", "output_words")
         assert store.rows(comparison_id) == ROWS
         assert any(comparison_id in m for m in redis_client.lrange(settings.queue_name, 0, -1))
 

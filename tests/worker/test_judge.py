@@ -305,30 +305,30 @@ def test_a_judge_outage_leaves_judge_scores_null_and_the_comparison_succeeds(
 
     record = store.get(comparison_id)
     assert store.status(comparison_id) is ComparisonStatus.succeeded
-    assert record["judge_ranking"] is None
-    assert "HTTP 503" in record["judge_ranking_unavailable"]
-    parent = mlflow_client.get_run(record["parent_run_id"])
+    assert record.judge_ranking is None
+    assert "HTTP 503" in record.judge_ranking_unavailable
+    parent = mlflow_client.get_run(record.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert "HTTP 503" in parent.data.tags["llm_compare.judge_ranking_unavailable"]
     for candidate in store.candidates(comparison_id, ["causal", "t5"]):
-        assert candidate["status"] == CandidateState.succeeded.value
-        assert candidate["metrics"]["judge_correctness"] is None
-        assert candidate["metrics"]["output_words"] >= 0
-        reason = candidate["metrics_unavailable"]["judge_correctness"]
+        assert candidate.status is CandidateState.succeeded
+        assert candidate.metrics["judge_correctness"] is None
+        assert candidate.metrics["output_words"] >= 0
+        reason = candidate.metrics_unavailable["judge_correctness"]
         assert "is unavailable" in reason and "HTTP 503" in reason
         # What the API serves for it: null beside the reason.
         read = CandidateStatus(
-            label=candidate["label"],
-            model=candidate["model"],
-            status=CandidateState(candidate["status"]),
+            label=candidate.label,
+            model=candidate.model,
+            status=candidate.status,
             progress=Progress(),
-            metrics=candidate["metrics"],
-            metrics_unavailable=candidate["metrics_unavailable"],
+            metrics=candidate.metrics,
+            metrics_unavailable=candidate.metrics_unavailable,
         )
         assert read.metrics["judge_correctness"] is None
-        rows = store.outputs(comparison_id, candidate["label"])
+        rows = store.outputs(comparison_id, candidate.label)
         assert [r["scores"]["judge_correctness"] for r in rows] == [None, None]
-        run = mlflow_client.get_run(candidate["run_id"])
+        run = mlflow_client.get_run(candidate.run_id)
         assert run.info.status == "FINISHED"
         assert "HTTP 503" in run.data.tags["llm_compare.metrics_unavailable"]
 

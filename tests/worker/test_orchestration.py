@@ -26,6 +26,7 @@ from services.worker import pipeline, reconcile, tasks, tracking
 from services.worker.locks import Lease
 from services.worker.models import ModelCache
 from shared.celery_config import celery_config
+from shared.records import CandidateRecord
 from shared.schemas import CandidateState, ComparisonCreate, ComparisonStatus
 from shared.settings import Settings
 from shared.store import FINALIZE_STEP, START_STEP, ComparisonStore, LeaseLost
@@ -134,7 +135,7 @@ class Harness:
     def start(self, comparison_id: str) -> str:
         return pipeline.start_comparison(self.ctx, comparison_id)
 
-    def candidate(self, comparison_id: str, label: str) -> dict[str, Any]:
+    def candidate(self, comparison_id: str, label: str) -> CandidateRecord:
         return self.store.candidate(comparison_id, label)
 
     def status(self, comparison_id: str) -> str:
@@ -147,9 +148,9 @@ class Harness:
             ComparisonStatus.cancelled,
             allowed_from=[ComparisonStatus.queued, ComparisonStatus.running],
         )
-        for c in self.store.spec(comparison_id)["candidates"]:
+        for label in self.store.spec(comparison_id).labels:
             self.store.transition_candidate(
-                comparison_id, c["label"], CandidateState.cancelled, allowed_from=[CandidateState.queued]
+                comparison_id, label, CandidateState.cancelled, allowed_from=[CandidateState.queued]
             )
 
     def sweep(self, *, now: float | None = None) -> list[str]:
@@ -227,7 +228,7 @@ class TestHappyPath:
 
         assert harness.run(harness.dispatch.sent[0]) == "succeeded"
         a = harness.candidate(cid, "a")
-        assert (a["status"], a["done"], a["total"]) == ("succeeded", 4, 4)
+        assert (a.status, a.done, a.total) == (CandidateState.succeeded, 4, 4)
         assert harness.dispatch.of(FINALIZE_COMPARISON) == []  # b has not ended
         assert harness.run(harness.dispatch.sent[1]) == "succeeded"
         assert len(harness.dispatch.of(FINALIZE_COMPARISON)) == 1
@@ -241,7 +242,7 @@ class TestHappyPath:
         cid = harness.submit(causal(tiny_models), missing(model_root))
         harness.start(cid)
         assert harness.drain() == ["succeeded", "failed", "partially_failed"]
-        assert "does not exist" in harness.candidate(cid, "missing")["error"]
+        assert "does not exist" in harness.candidate(cid, "missing").error
         assert harness.runs(cid) == {"orchestration": "FINISHED", "causal": "FINISHED", "missing": "FAILED"}
 
     def test_every_candidate_failing_fails_the_parent_run(self, harness, model_root):
@@ -279,7 +280,7 @@ class TestRedelivery:
         with pytest.raises(pipeline.CandidateBusy) as busy:
             harness.run(harness.dispatch.sent[0])
         assert 1 < busy.value.retry_in_s <= LEASE_S + 1
-        assert harness.candidate(cid, "a")["status"] == "queued"
+        assert harness.candidate(cid, "a").status is CandidateState.queued
 
     def test_a_redelivery_after_a_death_takes_over_the_same_run(self, harness, tiny_models):
         """The first delivery died mid-candidate (its lease lapsed, the candidate reads running):
@@ -296,15 +297,15 @@ class TestRedelivery:
         first, started = in_thread(lambda: harness.run(harness.dispatch.sent[0]))
         assert stalled.wait(60)
         harness.store.on_progress = None
-        run_id = harness.candidate(cid, "a")["run_id"]
+        run_id = harness.candidate(cid, "a").run_id
         # The process is gone: its lease is dropped as a lapse would drop it.
         harness.store.force_release(harness.store.lease_key(cid, "a"))
         assert harness.run(harness.dispatch.sent[0]) == "succeeded"
-        assert harness.candidate(cid, "a")["run_id"] == run_id
+        assert harness.candidate(cid, "a").run_id == run_id
         release.set()
         first.join(30)
         assert isinstance(started.get("error"), LeaseLost)  # the stalled one wrote nothing more
-        assert harness.candidate(cid, "a")["done"] == 4
+        assert harness.candidate(cid, "a").done == 4
         assert len(harness.store.outputs(cid, "a") or []) == 4
 
 
@@ -316,7 +317,7 @@ class TestCancel:
         assert harness.dispatch.names() == [FINALIZE_COMPARISON]
         assert harness.drain() == ["cancelled"]
         assert harness.store.is_finalized(cid)
-        assert harness.store.get(cid).get("parent_run_id") is None
+        assert harness.store.get(cid).parent_run_id is None
         assert harness.runs(cid) == {}
 
     def test_cancelled_after_start_ends_the_parent_run_killed(self, harness, tiny_models):
@@ -343,8 +344,8 @@ class TestCancel:
         harness.store.on_progress = cancel_once
         assert harness.run(harness.dispatch.sent[0]) == "cancelled"
         a = harness.candidate(cid, "a")
-        assert a["status"] == "cancelled" and 0 < a["done"] < len(rows)
-        assert harness.candidate(cid, "b")["status"] == "cancelled"  # the gateway cancelled it
+        assert a.status is CandidateState.cancelled and 0 < a.done < len(rows)
+        assert harness.candidate(cid, "b").status is CandidateState.cancelled  # the gateway cancelled it
         # b's task was revoked and never runs; the summary step comes anyway.
         assert harness.dispatch.names().count(FINALIZE_COMPARISON) == 1
         assert harness.run(harness.dispatch.of(FINALIZE_COMPARISON)[0]) == "cancelled"
@@ -384,13 +385,13 @@ class TestNothingIsLeftRunning:
         kwargs = {"comparison_id": cid, "label": "a"}
         tasks.run_candidate.on_failure(TimeLimitExceeded(10800), "t", (), kwargs, None)
         a = harness.candidate(cid, "a")
-        assert a["status"] == "failed"
-        assert a["error"].startswith("the candidate ran longer than TASK_TIME_LIMIT_S (10800 s)")
+        assert a.status is CandidateState.failed
+        assert a.error.startswith("the candidate ran longer than TASK_TIME_LIMIT_S (10800 s)")
         # Had the body lived on, it could not write any more.
         release.set()
         body.join(30)
         assert isinstance(result.get("error"), LeaseLost)
-        assert harness.candidate(cid, "a")["status"] == "failed"
+        assert harness.candidate(cid, "a").status is CandidateState.failed
         assert harness.drain() == ["succeeded", "partially_failed"]
         assert harness.runs(cid) == {"orchestration": "FINISHED", "a": "FAILED", "b": "FINISHED"}
 
@@ -401,8 +402,8 @@ class TestNothingIsLeftRunning:
         tasks.start_comparison.on_failure(error, "t", (), {"comparison_id": cid}, None)
         assert harness.drain() == ["failed"]
         record = harness.store.get(cid)
-        assert record["error"] == f"could not start: MlflowException: {error.message}"
-        assert [harness.candidate(cid, label)["status"] for label in ("a", "b")] == ["failed", "failed"]
+        assert record.error == f"could not start: MlflowException: {error.message}"
+        assert [harness.candidate(cid, label).status for label in ("a", "b")] == [CandidateState.failed] * 2
         assert harness.store.unfinished_comparisons() == []
 
     def test_a_summary_step_that_gives_up_ends_the_parent_run(self, harness, tiny_models, monkeypatch):
@@ -412,7 +413,7 @@ class TestNothingIsLeftRunning:
         monkeypatch.setattr(tasks, "context", lambda: harness.ctx)
         tasks.finalize_comparison.on_failure(KeyError("metrics"), "t", (), {"comparison_id": cid}, None)
         assert harness.status(cid) == "failed"
-        assert harness.store.get(cid)["error"] == "summary step failed: KeyError: 'metrics'"
+        assert harness.store.get(cid).error == "summary step failed: KeyError: 'metrics'"
         assert harness.runs(cid) == {"orchestration": "FAILED", "a": "FINISHED"}
         assert harness.run(harness.dispatch.of(FINALIZE_COMPARISON)[0]) == "failed"  # delivered late
         assert harness.store.unfinished_comparisons() == []
@@ -493,7 +494,7 @@ class TestNothingIsLeftRunning:
                 cid,
                 "a",
             )
-        assert harness.candidate(cid, "a")["status"] == "running"
+        assert harness.candidate(cid, "a").status is CandidateState.running
         assert harness.store.r.get(harness.store.lease_key(cid, "a")) is None
         harness.store.r.delete(harness.store._key(cid, "expect", "a"))
         assert harness.sweep() == [f"{cid} a: queued again"]
@@ -522,7 +523,7 @@ class TestFencing:
         with pytest.raises(LeaseLost):
             harness.run(harness.dispatch.sent[0])
         a = harness.candidate(cid, "a")
-        assert (a["status"], a["done"]) == ("running", 1)
+        assert (a.status, a.done) == (CandidateState.running, 1)
         assert harness.store.outputs(cid, "a") == [{"output": "theirs", "scores": {}}]
         assert harness.store.r.get(key) == new_holder.token  # its lease was not released by the loser
         assert harness.dispatch.of(FINALIZE_COMPARISON) == []  # nor did it count as ended
@@ -545,7 +546,7 @@ class TestFencing:
             with pytest.raises(LeaseLost):
                 write()
         a = harness.candidate(cid, "a")
-        assert (a["status"], a["done"], a.get("error")) == ("running", 0, None)
+        assert (a.status, a.done, a.error) == (CandidateState.running, 0, None)
         assert harness.store.outputs(cid, "a") is None
 
 
@@ -556,7 +557,7 @@ class TestWorkerDeaths:
         for _ in range(3):  # three starts whose process died (never uncounted)
             harness.store.begin_attempt(cid, "a")
         assert harness.drain() == ["failed", "succeeded", "partially_failed"]
-        assert harness.candidate(cid, "a")["error"] == (
+        assert harness.candidate(cid, "a").error == (
             "the worker running this candidate died 3 times (for example out of memory); "
             "lower GENERATION_BATCH_SIZE or max_new_tokens"
         )
@@ -578,7 +579,7 @@ class TestWorkerDeaths:
                 cid, "x", CandidateState.queued, allowed_from=[CandidateState.failed]
             )
             assert harness.run(harness.dispatch.sent[0]) == "failed"
-            assert "does not exist" in harness.candidate(cid, "x")["error"]
+            assert "does not exist" in harness.candidate(cid, "x").error
 
     def test_a_hand_off_gives_the_candidate_back_unharmed(self, harness, tiny_models):
         cid = harness.submit(causal(tiny_models, "a"), rows=ROWS * 2)
@@ -592,7 +593,7 @@ class TestWorkerDeaths:
         with pytest.raises(pipeline.HandOff):
             harness.run(harness.dispatch.sent[0])
         pipeline.HAND_OFF.clear()
-        assert harness.candidate(cid, "a")["status"] == "running"
+        assert harness.candidate(cid, "a").status is CandidateState.running
         assert harness.store.r.get(harness.store.lease_key(cid, "a")) is None
         assert harness.store.begin_attempt(cid, "a") == 1  # the hand-off was no death
         harness.store.end_attempt(cid, "a")
@@ -641,7 +642,7 @@ class TestSweep:
         harness.store.r.delete(harness.store._key(cid, "expect", "a"))
         assert harness.sweep() == [f"{cid} a: failed"]
         a = harness.candidate(cid, "a")
-        assert a["error"] == (
+        assert a.error == (
             "the candidate's task was lost 2 times (its worker stopped without handing it back); "
             "see the workers' logs"
         )
@@ -665,7 +666,7 @@ class TestSweep:
             harness.store.r.delete(harness.store._key(cid, "expect", FINALIZE_STEP))
             harness.sweep()
         assert harness.status(cid) == "failed"
-        assert harness.store.get(cid)["error"] == "the summary step was lost 2 times; see the workers' logs"
+        assert harness.store.get(cid).error == "the summary step was lost 2 times; see the workers' logs"
         assert harness.runs(cid) == {"orchestration": "FAILED", "a": "FINISHED"}
         assert harness.store.unfinished_comparisons() == []
 

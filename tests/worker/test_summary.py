@@ -9,6 +9,8 @@ from services.worker.custom_metrics import CustomMetric
 from services.worker.pipeline import pairwise_statistics
 from services.worker.summary import build_summary, render_html
 from shared.metrics import METRICS
+from shared.records import CandidateRecord, ComparisonSpec
+from shared.schemas import CandidateSpec, CandidateState
 
 CITED = CustomMetric(
     name="cited",
@@ -20,16 +22,16 @@ CITED = CustomMetric(
     max_value=1.0,
 )
 REGISTRY = {**METRICS, "cited": CITED.info}
-SPEC = {
-    "name": "cite-or-not",
-    "experiment": "e",
-    "metrics": ["cited", "latency", "exact_match"],
-    "candidates": [{"label": "a"}, {"label": "b"}],
-}
+SPEC = ComparisonSpec(
+    name="cite-or-not",
+    experiment="e",
+    metrics=("cited", "latency", "exact_match"),
+    candidates=(CandidateSpec(label="a", model="m"), CandidateSpec(label="b", model="m")),
+)
 
 
-def _candidate(label: str, metrics: dict[str, float]) -> dict[str, object]:
-    return {"label": label, "model": "m", "status": "succeeded", "metrics": metrics, "aggregates": {}}
+def _candidate(label: str, metrics: dict[str, float]) -> CandidateRecord:
+    return CandidateRecord(label=label, model="m", status=CandidateState.succeeded, metrics=metrics)
 
 
 def _summary() -> dict[str, object]:
@@ -81,7 +83,7 @@ def test_a_higher_is_better_custom_metric_is_marked_best_where_it_is_highest():
 
 
 def test_pairwise_statistics_judge_a_binary_metric_won_on_every_row_but_not_a_constant_latency():
-    candidates = [{"label": "a", "status": "succeeded"}, {"label": "b", "status": "succeeded"}]
+    candidates = [_candidate("a", {}), _candidate("b", {})]
     outputs = {
         "a": [{"output": "x", "scores": {"exact_match": 1.0, "latency": 0.03}} for _ in range(8)],
         "b": [{"output": "y", "scores": {"exact_match": 0.0, "latency": 0.05}} for _ in range(8)],

@@ -51,8 +51,8 @@ def rerun_state(store: ComparisonStore, comparison_id: str, principal: Principal
         rows = store.rows(comparison_id)
     except (ComparisonNotFound, NotFound):
         return example_state()
-    state = state_from_spec(spec, rows)
-    state.values["name"] = f"{spec.get('name', 'comparison')} (again)"
+    state = state_from_spec(spec.model_dump(mode="json"), rows)
+    state.values["name"] = f"{spec.name} (again)"
     return state
 
 
