@@ -182,6 +182,12 @@ class Settings(BaseSettings):
         return self.task_time_limit_s + 600
 
     @property
+    def io_queue_name(self) -> str:
+        """Where work that only waits on the network goes (remote endpoints, webhook deliveries):
+        served by I/O workers that run many tasks at once in threads and load no model."""
+        return f"{self.queue_name}.io"
+
+    @property
     def mlflow_ui_url(self) -> str:
         return (self.mlflow_public_url or self.mlflow_tracking_uri).rstrip("/")
 

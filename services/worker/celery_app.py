@@ -26,7 +26,8 @@ import structlog  # noqa: E402
 from celery import Celery, signals  # noqa: E402
 
 from shared.celery_config import celery_config  # noqa: E402
-from shared.settings import get_settings  # noqa: E402
+from shared.settings import get_settings
+from shared.tasks import queue_for  # noqa: E402
 
 log = structlog.get_logger()
 
@@ -105,7 +106,7 @@ def _start_reconciler(**_: object) -> None:
         )
 
         def dispatch(name: str, kwargs: dict[str, Any], task_id: str) -> None:
-            app.send_task(name, kwargs=kwargs, task_id=task_id, queue=settings.queue_name)
+            app.send_task(name, kwargs=kwargs, task_id=task_id, queue=queue_for(name, settings))
 
         # The sweep never loads a model: the cache stays empty in this (parent) process.
         return WorkerContext(settings=settings, store=store, models=ModelCache(), dispatch=dispatch)

@@ -22,7 +22,7 @@ from services.worker.errors import TRANSIENT_ERRORS, describe
 from services.worker.models import shared_model_cache
 from shared.settings import get_settings
 from shared.store import FINALIZE_STEP, START_STEP, ComparisonNotFound, ComparisonStore, LeaseLost
-from shared.tasks import FINALIZE_COMPARISON, LOG_FEEDBACK, RUN_CANDIDATE, START_COMPARISON
+from shared.tasks import FINALIZE_COMPARISON, LOG_FEEDBACK, RUN_CANDIDATE, START_COMPARISON, queue_for
 
 log = structlog.get_logger()
 
@@ -38,7 +38,7 @@ def context() -> pipeline.WorkerContext:
     )
 
     def dispatch(name: str, kwargs: dict[str, Any], task_id: str) -> None:
-        app.send_task(name, kwargs=kwargs, task_id=task_id, queue=settings.queue_name)
+        app.send_task(name, kwargs=kwargs, task_id=task_id, queue=queue_for(name, settings))
 
     return pipeline.WorkerContext(
         settings=settings,
