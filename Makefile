@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo dev stop status test test-fast lint format bench bench-metrics bench-submit chaos up down clean
+.PHONY: install demo dev stop status test test-fast lint format bench bench-metrics bench-submit bench-endpoints chaos up down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ install: $(STAMP)
 demo: install ## start what is not running, run the bundled comparison over HTTP, print the table
 	$(PY) -m scripts.demo
 
-dev: install ## start Redis (if none answers; data in .run/redis), MLflow :5000, API :8000 and a worker in the background
+dev: install ## start Redis (if none answers; data in .run/redis), MLflow :5000, API :8000, a worker and an I/O worker in the background (ENDPOINTS_FILE and its keys pass through)
 	$(PY) -m scripts.stack start
 
 stop: ## stop what `make dev` / `make demo` started
@@ -63,6 +63,9 @@ bench-metrics: install ## cost of the default metric set next to generating 500 
 
 bench-submit: install ## 2,000 submissions from 50 clients against the gateway alone
 	$(PY) -m scripts.bench_submit
+
+bench-endpoints: install ## rows/s against a loopback endpoint (300 ms a request, limit 16) with one and two I/O workers
+	$(PY) -m scripts.bench_endpoints $(BENCH_ARGS)
 
 chaos: install ## faults on purpose against real local processes, with figures (CHAOS_ARGS="kill9 redis")
 	$(PY) -m scripts.chaos $(CHAOS_ARGS)

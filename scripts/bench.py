@@ -200,7 +200,7 @@ def wait_quietly(client: ComparisonClient, comparison_id: str, timeout: float = 
     this process CPU that the worker's generation would otherwise have on a 2-core machine."""
     started = time.monotonic()
     while True:
-        state = client.get(comparison_id)
+        state = client.get(comparison_id).model_dump(mode="json")
         if state["status"] in FINAL_STATUSES:
             return state
         elapsed = time.monotonic() - started
@@ -211,10 +211,10 @@ def wait_quietly(client: ComparisonClient, comparison_id: str, timeout: float = 
 
 def service_run(client: ComparisonClient, spec: dict[str, Any], mlflow_uri: str) -> dict[str, Any]:
     submitted = datetime.now(UTC)
-    comparison_id = client.submit(spec)["id"]
+    comparison_id = client.submit(spec).id
     state = wait_quietly(client, comparison_id)
     fetch_started = time.perf_counter()
-    results = client.results(comparison_id)
+    results = client.results(comparison_id).model_dump(mode="json")
     fetch_seconds = time.perf_counter() - fetch_started
     # From the submit call to the comparison's end as the server stamped it (same host clock, so
     # the polling interval adds nothing), plus reading the results back.
@@ -264,7 +264,7 @@ def submit_to_generation_latency(
     latencies = []
     for i in range(probes):
         spec = {**comparison_spec(rows[:2], name=f"latency-probe-{i}", cache=False), "candidates": small}
-        comparison_id = client.submit(spec)["id"]
+        comparison_id = client.submit(spec).id
         state = wait_quietly(client, comparison_id, timeout=300)
         created = datetime.fromisoformat(state["created_at"])
         starts = [

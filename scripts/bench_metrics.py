@@ -61,7 +61,7 @@ def main() -> None:
         candidate=candidate, loaded=loaded, prompts=prompts, batch_size=args.batch_size
     )
     generation_s = time.perf_counter() - started
-    tokens = sum(g.output_tokens for g in generated)
+    tokens = sum(g.output_tokens or 0 for g in generated)
 
     # A worker keeps these loaded between comparisons: warm them outside the timed part.
     build_metrics(DEFAULT_METRICS)

@@ -127,22 +127,19 @@ class Chaos:
     ) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            candidate = next(c for c in client.get(cid)["candidates"] if c["label"] == label)
-            done, total = candidate["progress"]["done"], candidate["progress"]["total"]
-            if candidate["status"] == "running" and 0 < done < total and candidate.get("worker"):
-                return candidate
+            candidate = next(c for c in client.get(cid).candidates if c.label == label)
+            done, total = candidate.progress.done, candidate.progress.total
+            if candidate.status == "running" and 0 < done < total and candidate.worker:
+                return candidate.model_dump(mode="json")
             time.sleep(0.05)
         raise TimeoutError(f"{label} of {cid} never seen mid-generation")
 
     def check_complete(self, client: ComparisonClient, cid: str, final: dict[str, Any]) -> dict[str, Any]:
         """Rows lost and duplicate MLflow runs of a finished comparison."""
         results = client.results(cid)
-        rows = len(results["rows"])
+        rows = len(results.rows)
         lost = sum(
-            1
-            for row in results["rows"]
-            for out in row["outputs"].values()
-            if not isinstance(out["output"], str)
+            1 for row in results.rows for out in row.outputs.values() if not isinstance(out.output, str)
         )
         mlflow = MlflowClient(self.stack.mlflow_url)
         experiment = mlflow.get_experiment_by_name("chaos")
@@ -172,7 +169,7 @@ class Chaos:
 
     def kill_worker(self, how: signal.Signals) -> dict[str, Any]:
         with self.client() as client:
-            cid = client.submit(self.spec(f"chaos-{how.name.lower()}", rows=48, new_tokens=48))["id"]
+            cid = client.submit(self.spec(f"chaos-{how.name.lower()}", rows=48, new_tokens=48)).id
             victim = self.wait_mid_generation(client, cid, "a")
             pid = int(victim["worker"].rsplit(":", 1)[1])
             name = self._worker_of(pid)
@@ -186,18 +183,18 @@ class Chaos:
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
                 state = client.get(cid)
-                a = next(c for c in state["candidates"] if c["label"] == "a")
-                if takeover is None and a.get("worker") and a["worker"] != victim["worker"]:
+                a = next(c for c in state.candidates if c.label == "a")
+                if takeover is None and a.worker and a.worker != victim["worker"]:
                     takeover = time.monotonic() - killed_at
                 if how is signal.SIGTERM and not restarted and self._exited(name):
                     # A redeploy brings the worker back.
                     self.stack.pids.pop(name, None)
                     self.stack.start_worker(int(name.removeprefix("worker")))
                     restarted = True
-                if state["status"] in ("succeeded", "partially_failed", "failed", "cancelled"):
+                if state.status.is_final:
                     break
                 time.sleep(0.2)
-            final = client.get(cid)
+            final = client.get(cid).model_dump(mode="json")
             report = self.check_complete(client, cid, final)
         if how is signal.SIGKILL:
             # Its pool process is replaced by the worker itself; nothing to restart.
@@ -218,10 +215,8 @@ class Chaos:
 
     def restart_redis(self) -> dict[str, Any]:
         with self.client() as client:
-            before = [
-                client.submit(self.spec(f"chaos-redis-{i}", rows=8, new_tokens=8))["id"] for i in range(3)
-            ]
-            cid = client.submit(self.spec("chaos-redis", rows=48, new_tokens=32))["id"]
+            before = [client.submit(self.spec(f"chaos-redis-{i}", rows=8, new_tokens=8)).id for i in range(3)]
+            cid = client.submit(self.spec("chaos-redis", rows=48, new_tokens=32)).id
             self.wait_mid_generation(client, cid, "a")
             pid = self.stack.pids["redis"]
             os.killpg(pid, signal.SIGTERM)  # a clean restart: Redis flushes its append-only file
@@ -237,8 +232,8 @@ class Chaos:
                     self._submit_retrying(client, self.spec(f"chaos-redis-after-{i}", rows=8, new_tokens=8))
                 )
             accepted = [*before, cid, *after]
-            finals = {c: client.wait(c, timeout=600, poll_s=0.5)["status"] for c in accepted}
-            report = self.check_complete(client, cid, client.get(cid))
+            finals = {c: client.wait(c, timeout=600, poll_s=0.5).status.value for c in accepted}
+            report = self.check_complete(client, cid, client.get(cid).model_dump(mode="json"))
         report.update(
             redis_down_s=round(restart_s, 1),
             accepted=len(accepted),
@@ -251,7 +246,7 @@ class Chaos:
         deadline = time.monotonic() + patience
         while True:
             try:
-                return client.submit(spec)["id"]
+                return client.submit(spec).id
             except Exception:  # noqa: BLE001 - a restart in progress; retry until patience runs out
                 if time.monotonic() > deadline:
                     raise
@@ -259,14 +254,14 @@ class Chaos:
 
     def stop_mlflow(self) -> dict[str, Any]:
         with self.client() as client:
-            cid = client.submit(self.spec("chaos-mlflow", rows=48, new_tokens=32))["id"]
+            cid = client.submit(self.spec("chaos-mlflow", rows=48, new_tokens=32)).id
             self.wait_mid_generation(client, cid, "a")
             os.killpg(self.stack.pids.pop("mlflow"), signal.SIGTERM)
             while http_ok(f"{self.stack.mlflow_url}/health"):
                 time.sleep(0.2)
             time.sleep(MLFLOW_DOWN_S)
             self.stack.start_mlflow()
-            final = client.wait(cid, timeout=900, poll_s=1.0)
+            final = client.wait(cid, timeout=900, poll_s=1.0).model_dump(mode="json")
             report = self.check_complete(client, cid, final)
         # Everything reached MLflow: both candidates' tables and the summary on the parent run.
         mlflow = MlflowClient(self.stack.mlflow_url)
@@ -328,7 +323,7 @@ class Chaos:
                 lost.append(cid)  # stored but its start task is nowhere
         sample = accepted[:: max(1, len(accepted) // 8)]
         with self.client() as client:
-            finals = [client.wait(cid, timeout=900, poll_s=1.0)["status"] for cid in sample]
+            finals = [client.wait(cid, timeout=900, poll_s=1.0).status.value for cid in sample]
         return {
             "accepted": len(accepted),
             "accepted_lost": len(lost),
@@ -387,7 +382,7 @@ class Chaos:
         # Ids for the path parameters: one finished comparison, so the operations on a comparison
         # reach their logic instead of stopping at 404.
         with self.client() as client:
-            cid = client.submit(self.spec("chaos-schemathesis", rows=4, new_tokens=4))["id"]
+            cid = client.submit(self.spec("chaos-schemathesis", rows=4, new_tokens=4)).id
             client.wait(cid, timeout=300, poll_s=0.5)
         config = self.run_dir / "schemathesis.toml"
         config.write_text(f'[parameters]\n"path.comparison_id" = "{cid}"\n')

@@ -18,6 +18,7 @@ from typing import Any
 
 from scripts.stack import ROOT, Stack, http_ok
 from shared.client import ComparisonClient
+from shared.schemas import ComparisonRead
 
 
 def ensure_stack(api_url: str, run_dir: Path) -> None:
@@ -127,22 +128,22 @@ def main() -> int:
     ensure_stack(args.api, args.run_dir)
     client = ComparisonClient(args.api)
     spec = json.loads(args.spec.read_text())
-    created = client.submit(spec)
+    created = client.submit(spec).model_dump(mode="json")
     print(
         f"Submitted comparison {created['id']} ({len(spec['candidates'])} candidates × "
         f"{len(spec['dataset']['rows'])} prompts) → {args.api}/v1/comparisons/{created['id']}"
     )
     last = ""
 
-    def show(state: dict[str, Any]) -> None:
+    def show(state: ComparisonRead) -> None:
         nonlocal last
-        line = progress_line(state)
+        line = progress_line(state.model_dump(mode="json"))
         if line != last:
             print(f"  {time.monotonic() - started:6.1f}s  {line}", flush=True)
             last = line
 
-    final = client.wait(created["id"], on_update=show, poll_s=1.0)
-    results = client.results(created["id"])
+    final = client.wait(created["id"], on_update=show).model_dump(mode="json")
+    results = client.results(created["id"]).model_dump(mode="json")
     print()
     print_table(results)
     print()

@@ -1,9 +1,10 @@
 """Start and stop the local stack as plain processes: Redis (when none answers; append-only,
-its data in ``.run/redis``), an MLflow server on SQLite, the API and Celery workers.
+its data in ``.run/redis``), an MLflow server on SQLite, the API, Celery workers and I/O workers
+(remote endpoints, webhook deliveries).
 ``make dev`` / ``make stop`` / ``make demo`` and the integration tests all use it, so they run the
 same entry points as docker-compose.
 
-    python -m scripts.stack start [--workers N]
+    python -m scripts.stack start [--workers N] [--io-workers N]
     python -m scripts.stack stop
     python -m scripts.stack status
 """
@@ -114,6 +115,10 @@ class Stack:
     mlflow_port: int = 5000
     workers: int = 1
     worker_concurrency: int = 1
+    # The I/O workers' processes (services/worker/io_app.py) and the tasks each runs at once in
+    # threads; they load no model, so several are cheap.
+    io_workers: int = 1
+    io_worker_concurrency: int = 8
     queue_name: str = "llm-compare"
     key_prefix: str = "llmc"
     # Only for a Redis this stack starts itself; one already answering keeps its own limits.
@@ -241,6 +246,26 @@ class Stack:
             "--without-mingle",
         ]
 
+    def io_worker_command(self, name: str) -> list[str]:
+        return [
+            str(VENV_BIN / "celery"),
+            "-A",
+            "services.worker.io_app",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(self.io_worker_concurrency),
+            "--hostname",
+            f"{name}-{self.queue_name}@%h",
+            "--queues",
+            f"{self.queue_name}.io",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+
     # ---------------------------------------------------------------- services
     def start_redis(self) -> None:
         """Start redis-server on the port of ``redis_url`` unless a Redis already answers there. Its
@@ -303,13 +328,20 @@ class Stack:
         name = f"worker{index}"
         return self._spawn(name, self.worker_command(name))
 
+    def start_io_worker(self, index: int) -> subprocess.Popen:
+        name = f"io{index}"
+        return self._spawn(name, self.io_worker_command(name))
+
     def wait_workers(self, timeout: float = 90) -> None:
-        for index in range(self.workers):
-            log = self.log_path(f"worker{index}")
+        # I/O workers only where started: callers that start workers one by one may start none.
+        io = [f"io{i}" for i in range(self.io_workers) if f"io{i}" in self.pids]
+        names = [f"worker{i}" for i in range(self.workers)] + io
+        for name in names:
+            log = self.log_path(name)
             wait_until(
                 lambda log=log: log.exists() and " ready." in log.read_text(),
                 timeout=timeout,
-                what=f"worker{index}",
+                what=name,
                 log=log,
             )
 
@@ -319,6 +351,8 @@ class Stack:
         if workers:
             for index in range(self.workers):
                 self.start_worker(index)
+            for index in range(self.io_workers):
+                self.start_io_worker(index)
         if api:
             self.start_api()
         if workers:
@@ -373,6 +407,27 @@ def redis_for_tests(url: str, run_dir: Path) -> Iterator[str]:
         own.stop(["redis"])
 
 
+def endpoint_notes(env: dict[str, str]) -> list[str]:
+    """What `make dev` says about ENDPOINTS_FILE: the endpoints it declares, and the keys its
+    api_key_env names that the environment (passed on to the API and workers) lacks."""
+    path = env.get("ENDPOINTS_FILE", "").strip()
+    if not path:
+        return []
+    from shared.endpoints import EndpointsFileError, load_endpoints
+
+    try:
+        endpoints = load_endpoints(Path(path))
+    except EndpointsFileError as exc:
+        return [f"Endpoints  {exc}"]
+    lines = [f"Endpoints  {', '.join(endpoints) or 'none'} (from {path})"]
+    missing = sorted(
+        {e.api_key_env for e in endpoints.values() if e.api_key_env and not env.get(e.api_key_env)}
+    )
+    if missing:
+        lines.append(f"           not set, so candidates on their endpoints fail: {', '.join(missing)}")
+    return lines
+
+
 def _terminate(pid: int, timeout: float = 15) -> None:
     try:
         os.killpg(pid, signal.SIGTERM)
@@ -397,6 +452,7 @@ def main() -> None:
     )
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "1")))
+    parser.add_argument("--io-workers", type=int, default=int(os.environ.get("IO_WORKERS", "1")))
     parser.add_argument("--run-dir", type=Path, default=ROOT / ".run")
     args = parser.parse_args()
     if args.command == "start":
@@ -407,6 +463,7 @@ def main() -> None:
             run_dir=args.run_dir,
             redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
             workers=args.workers,
+            io_workers=args.io_workers,
         )
         stack.start()
         print(f"Web     {stack.api_url}/ui")
@@ -415,6 +472,8 @@ def main() -> None:
         started = f"  (data: {args.run_dir / 'redis'})" if "redis" in stack.pids else ""
         print(f"Redis   {stack.redis_url}{started}")
         print(f"Logs    {args.run_dir}/*.log   stop with: make stop")
+        for line in endpoint_notes(stack.env()):
+            print(line)
         if stack.env()["AUTH_DISABLED"].lower() == "true":
             print(
                 "Auth    off (AUTH_DISABLED=true): no API keys, anyone who reaches this machine's "

@@ -36,6 +36,7 @@ import httpx
 import redis
 import typer
 import yaml
+from pydantic import BaseModel
 from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.padding import Padding
@@ -221,6 +222,11 @@ def _global_options(
     )
 
 
+def _json(model: BaseModel) -> State:
+    """A typed answer of the client as the API's JSON, which --json prints and the tables read."""
+    return model.model_dump(mode="json")
+
+
 def _cli(ctx: typer.Context) -> Cli:
     cli: Cli = ctx.obj  # set by _global_options, which runs before every command
     return cli
@@ -299,9 +305,9 @@ def run(
         cli.fail(ExitCode.invalid, "invalid_spec_file", str(exc))
     with cli.session(what="comparison") as client:
         if data is not None and content is not None:
-            created = client.submit_file(body, data.name, content)
+            created = _json(client.submit_file(body, data.name, content))
         else:
-            created = client.submit(body)
+            created = _json(client.submit(body))
         if not wait:
             if cli.json:
                 cli.emit(created)
@@ -312,7 +318,7 @@ def run(
         if cli.json:
             cli.emit(final)
         else:
-            results = client.results(final["id"])
+            results = _json(client.results(final["id"]))
             catalog = _metric_catalog(client)
             cli.console.print()
             if any(
@@ -426,7 +432,15 @@ def watch(
         break
     remaining = math.inf if deadline is None else deadline - time.monotonic()
     try:
-        return client.wait(comparison_id, timeout=remaining, poll_s=1.0, on_update=on_state)
+        # The stream has already failed or closed: poll.
+        final = client.wait(
+            comparison_id,
+            timeout=remaining,
+            poll_s=1.0,
+            stream=False,
+            on_update=None if on_state is None else lambda state: on_state(_json(state)),
+        )
+        return _json(final)
     except TimeoutError:
         return None
 
@@ -498,7 +512,7 @@ def list_comparisons(
     """List comparisons, newest first."""
     cli = _cli(ctx)
     with cli.session() as client:
-        page = client.list(status=status.value if status else None, limit=limit)
+        page = _json(client.list(status=status.value if status else None, limit=limit))
     if cli.json:
         cli.emit(page)
         return
@@ -539,7 +553,7 @@ def show(ctx: typer.Context, comparison_id: Annotated[str, typer.Argument(metava
     """Status, candidates with progress and metrics, paired verdicts and links."""
     cli = _cli(ctx)
     with cli.session() as client:
-        state = client.get(comparison_id)
+        state = _json(client.get(comparison_id))
         if cli.json:
             cli.emit(state)
             return
@@ -581,11 +595,11 @@ def results(
         if output_format is ResultsFormat.csv:
             typer.echo(client.results_csv(comparison_id), nl=False)
             return
-        table = client.results(comparison_id)
+        table = _json(client.results(comparison_id))
         if cli.json or output_format is ResultsFormat.json:
             cli.emit(table)
             return
-        state = client.get(comparison_id)
+        state = _json(client.get(comparison_id))
         catalog = _metric_catalog(client)
     cli.console.print(results_table(table, score_metric=_reference_metric(state, catalog)))
 
@@ -595,7 +609,7 @@ def cancel(ctx: typer.Context, comparison_id: Annotated[str, typer.Argument(meta
     """Cancel a queued or running comparison."""
     cli = _cli(ctx)
     with cli.session() as client:
-        state = client.cancel(comparison_id)
+        state = _json(client.cancel(comparison_id))
     if cli.json:
         cli.emit(state)
         return
@@ -611,7 +625,7 @@ def models(ctx: typer.Context) -> None:
     """The model catalog: names a candidate's 'model' can take."""
     cli = _cli(ctx)
     with cli.session() as client:
-        catalog = client.models()
+        catalog = [_json(model) for model in client.models()]
     if cli.json:
         cli.emit(catalog)
         return
@@ -642,7 +656,7 @@ def metrics(ctx: typer.Context) -> None:
     """The metrics a comparison can ask for, with their direction and what they need."""
     cli = _cli(ctx)
     with cli.session() as client:
-        catalog = client.metrics()
+        catalog = [_json(metric) for metric in client.metrics()]
     if cli.json:
         cli.emit(catalog)
         return
@@ -728,7 +742,7 @@ def _number(value: float | None) -> str:
 
 
 def _metric_catalog(client: ComparisonClient) -> dict[str, dict[str, Any]]:
-    return {m["name"]: m for m in client.metrics()}
+    return {m.name: _json(m) for m in client.metrics()}
 
 
 def _reference_metric(state: State, catalog: dict[str, dict[str, Any]]) -> str | None:

@@ -163,7 +163,8 @@ METRICS: dict[str, MetricInfo] = {
         # --- on the output alone
         MetricInfo(
             "output_tokens",
-            "Number of generated tokens, counted with the candidate's own tokenizer.",
+            "Number of generated tokens, counted with the candidate's own tokenizer (for an endpoint "
+            "candidate, the completion tokens the server reports in its usage).",
             greater_is_better=False,
             needs_tokenizer=True,
             default=True,
@@ -181,7 +182,8 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo(
             "latency",
             "Seconds from the start of the row's generation batch until the row produced its last "
-            "token (its end-of-sequence token, or its last one at max_new_tokens or a stop string).",
+            "token (its end-of-sequence token, or its last one at max_new_tokens or a stop string); "
+            "for an endpoint candidate, from sending the request until the last byte of its reply.",
             greater_is_better=False,
             default=True,
             group="speed",
@@ -194,6 +196,33 @@ METRICS: dict[str, MetricInfo] = {
             needs_tokenizer=True,
             default=True,
             group="speed",
+            min_value=0.0,
+        ),
+        MetricInfo(
+            "time_to_first_token",
+            "Seconds until the row's first generated token: the first decoding step of its batch, or "
+            "for an endpoint candidate the first streamed token (rows of a server that does not "
+            "stream are not scored).",
+            greater_is_better=False,
+            group="speed",
+            min_value=0.0,
+        ),
+        MetricInfo(
+            "input_tokens",
+            "Number of prompt tokens, counted with the candidate's own tokenizer (for an endpoint "
+            "candidate, the prompt tokens the server reports in its usage).",
+            greater_is_better=False,
+            needs_tokenizer=True,
+            group="length",
+            min_value=0.0,
+        ),
+        MetricInfo(
+            "cost",
+            "What the row's request cost by the endpoint's price table: prompt tokens / 1000 x "
+            "price_per_1k_input + generated tokens / 1000 x price_per_1k_output. Endpoint candidates "
+            "with prices only; other rows are not scored.",
+            greater_is_better=False,
+            group="cost",
             min_value=0.0,
         ),
         MetricInfo(
@@ -298,6 +327,9 @@ METRICS: dict[str, MetricInfo] = {
 }
 
 DEFAULT_METRICS: list[str] = [name for name, info in METRICS.items() if info.default]
+# Metrics counted with a tokenizer that an endpoint candidate still gets, from the usage its
+# server reports. Any other metric needing a tokenizer is refused for endpoint candidates.
+ENDPOINT_USAGE_METRICS = frozenset({"output_tokens", "input_tokens", "tokens_per_second"})
 
 
 def metric_registry(redis_client: Any, prefix: str) -> dict[str, MetricInfo]:

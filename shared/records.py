@@ -92,6 +92,9 @@ class CandidateRecord:
     run_id: str | None = None
     # host:pid of the worker process that ran it.
     worker: str | None = None
+    # Endpoint candidates: rows that failed after their retries, and usage, cost and speed totals.
+    rows_failed: int = 0
+    totals: Mapping[str, float | None] = field(default_factory=dict)
     error: str | None = None
     started_at: datetime | None = None
     generation_started_at: datetime | None = None
@@ -100,3 +103,48 @@ class CandidateRecord:
     @property
     def is_final(self) -> bool:
         return self.status in FINAL_CANDIDATE_STATES
+
+
+@dataclass(frozen=True)
+class DeliveryAttempt:
+    """One try at calling a receiver back: its status code, or why it failed."""
+
+    at: datetime
+    duration_ms: float
+    status_code: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """One event for one callback: the body as it was when the event happened, signed afresh on
+    every attempt with the secrets of the key that submitted the comparison."""
+
+    webhook_id: str
+    comparison_id: str
+    event: str
+    callback: int
+    url: str
+    key_id: str
+    body: str
+    created_at: datetime
+    state: str = "pending"
+    label: str | None = None
+    attempts: tuple[DeliveryAttempt, ...] = ()
+    next_attempt_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class WebhookSecretRecord:
+    """An API key's signing secret, and the one it replaced while that one is still in use."""
+
+    secret: str
+    created_at: datetime
+    previous: str | None = None
+    previous_expires_at: datetime | None = None
+
+    def signing_secrets(self, now: datetime) -> list[str]:
+        """The secrets a delivery is signed with now: the current one, then the previous one
+        during its grace period."""
+        keep_previous = self.previous and self.previous_expires_at and self.previous_expires_at > now
+        return [self.secret, self.previous] if keep_previous and self.previous else [self.secret]

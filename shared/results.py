@@ -56,13 +56,15 @@ def side_by_side(
                 per_candidate[label] = {
                     "output": produced[index]["output"],
                     "scores": produced[index].get("scores", {}),
+                    # Why an endpoint row has no output (its request failed after retries).
+                    "error": produced[index].get("error"),
                 }
                 if ratings is not None:
                     per_candidate[label]["ratings"] = rated.get(
                         (index, label), {"up": 0, "down": 0, "comments": []}
                     )
             else:
-                per_candidate[label] = {"output": None, "scores": {}}
+                per_candidate[label] = {"output": None, "scores": {}, "error": None}
         entry["outputs"] = per_candidate
         table.append(entry)
     return table

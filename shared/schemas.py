@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -149,8 +149,9 @@ class CandidateSpec(BaseModel):
         min_length=1,
         max_length=1000,
         description="Catalog name, Hugging Face hub id, local directory, .gguf file path, "
-        "or models:/<name>/<version> (or /latest, @<alias>) for a registered MLflow model on the "
-        "operator's MLFLOW_MODEL_ALLOWLIST.",
+        "models:/<name>/<version> (or /latest, @<alias>) for a registered MLflow model on the "
+        "operator's MLFLOW_MODEL_ALLOWLIST, or endpoint:<endpoint-name>/<model-id> for a model on a "
+        "remote endpoint the operator configured (GET /v1/models).",
     )
     revision: Text | None = Field(None, min_length=1, max_length=256)
     prompt_template: Text = Field(
@@ -179,6 +180,42 @@ class DatasetSpec(BaseModel):
         "MAX_COLUMNS columns and MAX_CELL_CHARS characters a cell.",
         json_schema_extra={"minItems": 1},
     )
+
+
+# ------------------------------------------------------------------------------------ webhooks
+# What a callback can subscribe to; README "Webhooks" describes each body.
+WebhookEvent = Literal["comparison.started", "candidate.finished", "comparison.finished"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = get_args(WebhookEvent)
+# A comparison calls back a few receivers at most; each event costs one delivery per callback.
+MAX_CALLBACKS = 5
+MAX_CALLBACK_URL_CHARS = 2000
+DeliveryState = Literal["pending", "delivered", "failed"]
+
+
+class CallbackCreate(BaseModel):
+    """A receiver to call back, signed the Standard Webhooks way, when the listed events happen."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: Text = Field(
+        min_length=1,
+        max_length=MAX_CALLBACK_URL_CHARS,
+        description="http or https URL without credentials, on a host the operator lists in "
+        "WEBHOOK_ALLOWED_HOSTS; private, loopback and link-local addresses only when the host is "
+        "listed by name. Checked at submit time (after DNS resolution) and at every delivery.",
+    )
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(WEBHOOK_EVENTS),
+        min_length=1,
+        max_length=len(WEBHOOK_EVENTS),
+        description="comparison.started, candidate.finished (once per candidate) and/or "
+        "comparison.finished; all three when left out.",
+    )
+
+    @field_validator("events")
+    @classmethod
+    def _each_event_once(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
 
 
 class ComparisonCreate(BaseModel):
@@ -218,6 +255,12 @@ class ComparisonCreate(BaseModel):
         "or '/', not starting with 'mlflow.' or 'llm_compare.' (reserved); values up to 8000 "
         "characters.",
     )
+    callbacks: list[CallbackCreate] = Field(
+        default_factory=list,
+        max_length=MAX_CALLBACKS,
+        description=f"Up to {MAX_CALLBACKS} receivers to call back (signed webhooks) when the "
+        "comparison starts, a candidate ends or the verdict is in; see GET .../deliveries.",
+    )
 
 
 class Progress(BaseModel):
@@ -249,6 +292,18 @@ class CandidateStatus(BaseModel):
     mlflow_run_id: str | None = None
     mlflow_run_url: str | None = None
     error: str | None = None
+    rows_failed: int = Field(
+        0,
+        description="Rows whose request to the remote endpoint still failed after its retries: their "
+        "output and scores are null, the reason is in /results. The candidate fails only when more "
+        "than ENDPOINT_MAX_ERROR_RATE of its rows did",
+    )
+    totals: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="Endpoint candidates: input_tokens and output_tokens (from the server's usage), "
+        "cost (by the endpoint's price table; null without prices), generation_seconds, "
+        "tokens_per_second (output tokens over generation_seconds), requests and retries",
+    )
     # host:pid of the worker process that ran it, for operators tracing a slow or failed run.
     worker: str | None = None
     started_at: datetime | None = None
@@ -328,6 +383,44 @@ class ComparisonRead(BaseModel):
     owner: str = Field("local", description="Who submitted it: the name of its API key (usually a team)")
 
 
+class DeliveryAttemptRead(BaseModel):
+    at: datetime = Field(description="When the attempt started")
+    status_code: int | None = Field(None, description="The receiver's HTTP status, when it answered")
+    error: str | None = Field(
+        None, description="Why the attempt failed: a refused address, a timeout, a non-2xx status..."
+    )
+    duration_ms: float = Field(description="Milliseconds from the start of the attempt to its end")
+
+
+class DeliveryRead(BaseModel):
+    webhook_id: str = Field(description="The webhook-id header: the same on every attempt of this delivery")
+    event: WebhookEvent
+    label: str | None = Field(None, description="The candidate, for candidate.finished")
+    callback: int = Field(description="Index of the callback in the comparison's callbacks")
+    url: str
+    state: DeliveryState = Field(
+        description="pending (retries left), delivered (a 2xx came back) or failed (every retry used)"
+    )
+    created_at: datetime
+    attempts: list[DeliveryAttemptRead]
+    next_attempt_at: datetime | None = Field(None, description="When the next attempt is due, while pending")
+
+
+class DeliveriesRead(BaseModel):
+    deliveries: list[DeliveryRead] = Field(description="Oldest first")
+
+
+class WebhookSecretRead(BaseModel):
+    key_id: str = Field(description="The API key whose comparisons' deliveries this secret signs")
+    secret: str = Field(description="whsec_ + base64: the HMAC-SHA256 key of webhook-signature")
+    created_at: datetime
+    previous_expires_at: datetime | None = Field(
+        None,
+        description="After a rotation, deliveries carry a second signature with the previous secret "
+        "until then (WEBHOOK_SECRET_GRACE_S), so receivers can switch without missing any",
+    )
+
+
 class AuditRead(BaseModel):
     events: list[dict[str, str]] = Field(
         description="Oldest first: at, actor (the key's name), action (submitted, cancelled, voted, "
@@ -368,6 +461,9 @@ class CellRatings(BaseModel):
 class CandidateOutput(BaseModel):
     output: str | None
     scores: dict[str, float | None] = Field(default_factory=dict)
+    error: str | None = Field(
+        None, description="Why this row has no output (its request to the endpoint failed); else null"
+    )
     ratings: CellRatings = Field(default_factory=CellRatings, description="People's ratings of this output")
 
 
@@ -393,6 +489,14 @@ class ModelRead(BaseModel):
     source: str
     hub_id: str | None = None
     available_offline: bool
+    # Remote endpoints (source "endpoint") only; never their address or key.
+    model_format: str | None = Field(
+        None, description="How a candidate names a model here, e.g. endpoint:vllm-prod/<model-id>"
+    )
+    api: Literal["chat", "completions"] | None = None
+    max_concurrency: int | None = Field(None, description="Requests in flight at once, across all workers")
+    price_per_1k_input: float | None = None
+    price_per_1k_output: float | None = None
 
 
 class MetricRead(BaseModel):

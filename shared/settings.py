@@ -11,8 +11,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.endpoints import EndpointConfig, load_endpoints
+from shared.webhook_targets import AllowedHost, parse_allowed_hosts
 
 
 class Settings(BaseSettings):
@@ -128,6 +131,46 @@ class Settings(BaseSettings):
     reconcile_grace_s: float = Field(30.0, ge=0)
     result_ttl_s: int = Field(30 * 24 * 3600, ge=60)
 
+    # Webhooks (README "Webhooks"). Hosts callbacks may be sent to, comma-separated: names or IP
+    # literals, optionally with a port, or wildcards (*.example.com, *). Empty: no callbacks.
+    # Non-public addresses (private, loopback, link-local...) only for hosts listed by name or
+    # address, never through a wildcard.
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Seconds before each attempt of a delivery, counted from the one before (the first from the
+    # event): Standard Webhooks' schedule, about 28 h in all. A delivery still failing after
+    # the last one is marked failed.
+    webhook_retry_schedule_s: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
+    )
+    # One attempt, connecting, sending, the status line and the capped response body together.
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120)
+    # Response bytes read before the connection is closed (the body is not used).
+    webhook_max_response_bytes: int = Field(64 * 1024, ge=0, le=10 * 1024 * 1024)
+    # Redirects followed per attempt, only 307 and 308 (they keep the POST and its body), each
+    # target checked as the first one is. 0: a 3xx is a failed attempt.
+    webhook_max_redirects: int = Field(0, ge=0, le=5)
+    # After a rotation, deliveries are signed with the previous secret as well for this long.
+    webhook_secret_grace_s: int = Field(24 * 3600, ge=0)
+    # How often each I/O worker looks for deliveries whose retry is due.
+    webhook_sweep_interval_s: float = Field(1.0, gt=0, le=60)
+    # The gateway's address as people and services reach it, for the links in webhook bodies;
+    # unset, links are paths (/v1/comparisons/<id>).
+    api_public_url: str | None = None
+
+    # Remote model endpoints (shared/endpoints.py): the YAML or JSON file that declares them, read
+    # once at start-up by the gateway and the workers alike. Unset: no endpoint candidates.
+    endpoints_file: Path | None = None
+    # A row still failing after its retries is recorded as failed; the candidate fails only when
+    # more than this share of its rows did.
+    endpoint_max_error_rate: float = Field(0.10, ge=0, le=1)
+    # Retries of a request answered 429 or 5xx, timed out or dropped: exponential back-off with
+    # jitter from endpoint_retry_base_s, a Retry-After honoured up to endpoint_retry_max_s (a
+    # longer one fails the row at once).
+    endpoint_max_retries: int = Field(5, ge=0, le=20)
+    endpoint_retry_base_s: float = Field(0.5, ge=0)
+    endpoint_retry_max_s: float = Field(60.0, ge=0)
+    _endpoints: dict[str, EndpointConfig] = PrivateAttr(default_factory=dict)
+
     @field_validator("custom_metric_modules", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
@@ -142,6 +185,53 @@ class Settings(BaseSettings):
             if value.lstrip().startswith("["):
                 return json.loads(value)
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("endpoints_file", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _load_endpoints(self) -> Settings:
+        # Here, so that a wrong file stops the gateway or worker at start with the entry and field.
+        self._endpoints = load_endpoints(self.endpoints_file) if self.endpoints_file else {}
+        return self
+
+    @property
+    def endpoints(self) -> dict[str, EndpointConfig]:
+        """The endpoints ENDPOINTS_FILE declares, by name."""
+        return self._endpoints
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _hosts_parse(cls, value: list[str]) -> list[str]:
+        parse_allowed_hosts(value)  # refuses a malformed entry at start-up, naming it
+        return value
+
+    @field_validator("webhook_retry_schedule_s", mode="before")
+    @classmethod
+    def _split_schedule(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_retry_schedule_s")
+    @classmethod
+    def _schedule_bounded(cls, value: list[float]) -> list[float]:
+        if not 1 <= len(value) <= 20 or any(not 0 <= delay <= 7 * 24 * 3600 for delay in value):
+            raise ValueError(
+                "WEBHOOK_RETRY_SCHEDULE_S: 1 to 20 comma-separated delays in seconds, each 0 to 604800"
+            )
         return value
 
     @field_validator("model_roots", mode="before")
@@ -161,6 +251,10 @@ class Settings(BaseSettings):
     @property
     def kv_cache_budget_bytes(self) -> int | None:
         return int(self.generation_kv_cache_mb * 1024**2) or None
+
+    @property
+    def webhook_allowlist(self) -> tuple[AllowedHost, ...]:
+        return parse_allowed_hosts(self.webhook_allowed_hosts)
 
     @property
     def judge_configured(self) -> bool:

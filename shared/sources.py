@@ -11,6 +11,9 @@ or ``models:/<name>@<alias>`` for registered names an operator lists in
 configuration that names Python modules), and only names someone vetted may reach a worker.
 ``runs:/`` URIs are refused: any run of the tracking server could be named, and no allowlist of
 names can cover it.
+
+``endpoint:<endpoint-name>/<model-id>`` names a model served by a remote endpoint the operator
+declared in ENDPOINTS_FILE (shared/endpoints.py); I/O workers generate its outputs.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class SourceKind(StrEnum):
     local_dir = "local_dir"
     gguf_file = "gguf_file"
     mlflow = "mlflow"
+    # A model on a remote endpoint from ENDPOINTS_FILE; value: "<endpoint-name>/<model-id>".
+    endpoint = "endpoint"
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,8 @@ class ModelSource:
 
 def classify_model(model: str) -> ModelSource:
     model = model.strip()
+    if model.startswith("endpoint:"):
+        return ModelSource(SourceKind.endpoint, model.removeprefix("endpoint:"))
     if model.startswith(("models:/", "runs:/")):
         return ModelSource(SourceKind.mlflow, model)
     if model.startswith("hf:"):

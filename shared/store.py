@@ -28,7 +28,15 @@ Layout (``P`` is the key prefix):
   P:open                     sorted set id -> started at, until its summary step has run
   P:sweep                    flag: one worker's reconciler sweeps at a time
   P:gen:{sha256}             JSON of one generated output (the response cache), RESULT_TTL_S
+  P:cmp:{id}:remote:{label}  JSON of an endpoint candidate's generated rows, for its scoring step
+  P:endpoint:{name}:slots    sorted set token -> expiry: requests in flight to a remote endpoint
+  P:endpoint:{name}:limit    hash: limit (adaptive concurrency), cut_at (last halving)
   P:metrics:custom           hash name -> JSON description of a custom metric workers published
+  P:cmp:{id}:callbacks       JSON {"key_id", "callbacks": [{"url", "events"}]}: whom to call back
+  P:cmp:{id}:deliveries      hash webhook id -> JSON delivery: event, url, body, state, attempts
+  P:webhooks:due             sorted set "{id}/{webhook id}" -> when its next attempt is due
+  P:whlock:{webhook id}      token of the I/O worker making an attempt of that delivery
+  P:whsecret:{key_id}        hash: secret, created_at, previous, previous_expires_at (signing)
 
 Every status change goes through a compare-and-set script so that, for example, a worker that
 starts late never turns a cancelled comparison back into a running one.
@@ -141,6 +149,46 @@ for i = 4, 3 + n do
 end
 return 0
 """
+# A semaphore of expiring holders: a request to a remote endpoint holds a slot until it releases
+# it or its expiry passes (its worker died), so a dead worker's slots come back by themselves.
+# KEYS[1] holders (token -> expiry), KEYS[2] the adaptive limit; ARGV[1] token, ARGV[2] the
+# endpoint's max_concurrency, ARGV[3] seconds the slot is held at most. Returns 1 when acquired.
+_ENDPOINT_ACQUIRE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local ceiling = tonumber(ARGV[2])
+local limit = tonumber(redis.call('HGET', KEYS[2], 'limit') or ARGV[2])
+limit = math.max(1, math.min(ceiling, math.floor(limit)))
+if redis.call('ZCARD', KEYS[1]) >= limit then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])) + 1)
+return 1
+"""
+# Adaptive concurrency, additive increase / multiplicative decrease: a 429 halves the limit (once
+# per cooldown, so a burst of 429s from requests already in flight counts once), each success
+# adds 1/limit (one slot back per limit-many successes), up to max_concurrency.
+# KEYS[1] the limit hash; ARGV[1] max_concurrency, ARGV[2] 'cut' or 'grow', ARGV[3] cooldown
+# seconds, ARGV[4] seconds the state is kept after its last change. Returns the limit.
+_ENDPOINT_ADAPT_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ceiling = tonumber(ARGV[1])
+local limit = tonumber(redis.call('HGET', KEYS[1], 'limit') or ARGV[1])
+if limit > ceiling then limit = ceiling end
+if ARGV[2] == 'cut' then
+  local last = tonumber(redis.call('HGET', KEYS[1], 'cut_at') or '0')
+  if now - last < tonumber(ARGV[3]) then return tostring(limit) end
+  limit = math.max(1, math.floor(limit / 2))
+  redis.call('HSET', KEYS[1], 'cut_at', tostring(now))
+else
+  if limit >= ceiling then return tostring(limit) end
+  limit = math.min(ceiling, limit + 1 / limit)
+end
+redis.call('HSET', KEYS[1], 'limit', tostring(limit))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+return tostring(limit)
+"""
 # KEYS[1] hash, ARGV[1] field: decrement, never below 0.
 _DECREMENT_FLOOR_SCRIPT = """
 local value = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
@@ -155,6 +203,10 @@ AUDIT_MAX_ENTRIES = 10_000
 LOCAL_OWNER = "local"
 # Long enough for a queued log task to run; short enough that a lost one blocks nothing for long.
 FEEDBACK_LOG_FLAG_TTL_S = 600
+# A 429 halves an endpoint's adaptive limit at most once this often; an endpoint left alone this
+# long starts again at its max_concurrency.
+ENDPOINT_CUT_COOLDOWN_S = 1.0
+ENDPOINT_LIMIT_TTL_S = 600
 
 
 def utcnow() -> str:
@@ -188,6 +240,8 @@ class ComparisonStore:
         self._fenced_set = self.r.register_script(_FENCED_SET_SCRIPT)
         self._fenced_cas = self.r.register_script(_FENCED_CAS_SCRIPT)
         self._decrement_floor = self.r.register_script(_DECREMENT_FLOOR_SCRIPT)
+        self._endpoint_acquire = self.r.register_script(_ENDPOINT_ACQUIRE_SCRIPT)
+        self._endpoint_adapt = self.r.register_script(_ENDPOINT_ADAPT_SCRIPT)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "llmc", ttl_s: int | None = None) -> ComparisonStore:
@@ -224,7 +278,8 @@ class ComparisonStore:
         ``owner`` is the name of the API key that submitted it (its team); ``key_id`` counts it
         against that key's running-comparisons quota until it ends."""
         now = utcnow()
-        stored_spec = spec.model_dump(mode="json", exclude={"dataset"})
+        # Callbacks are kept apart: their URLs are not part of what runs, nor of what reaches MLflow.
+        stored_spec = spec.model_dump(mode="json", exclude={"dataset", "callbacks"})
         stored_spec["experiment"] = experiment
         stored_spec["metrics"] = metrics
         rows = spec.dataset.rows
@@ -254,6 +309,14 @@ class ComparisonStore:
             key = self._key(comparison_id, "cand", str(candidate_record["label"]))
             pipe.hset(key, mapping=candidate_record)
             written.append(key)
+        if spec.callbacks:
+            # The key that submitted it signs its deliveries (its webhook secret).
+            callbacks = {
+                "key_id": key_id or LOCAL_OWNER,
+                "callbacks": [c.model_dump(mode="json") for c in spec.callbacks],
+            }
+            pipe.set(self._key(comparison_id, "callbacks"), json.dumps(callbacks))
+            written.append(self._key(comparison_id, "callbacks"))
         created = datetime.now(UTC).timestamp()
         pipe.zadd(self._index, {comparison_id: created})
         pipe.zadd(self._owner_index(owner), {comparison_id: created})
@@ -889,6 +952,67 @@ class ComparisonStore:
     def published_custom_metrics(self) -> dict[str, str]:
         return dict(self.r.hgetall(self._custom_metrics) or {})
 
+    # ---- remote endpoints: an endpoint candidate's generated rows, and each endpoint's concurrency
+    # shared by every I/O worker (services/worker/remote.py).
+    def fenced_save_remote_generation(
+        self, comparison_id: str, label: str, generation: dict[str, Any], *, lease_key: str, token: str
+    ) -> None:
+        held = self._fenced_set(
+            keys=[lease_key, self._key(comparison_id, "remote", label)],
+            args=[token, json.dumps(generation), self.ttl_s or 0],
+        )
+        if not held:
+            raise LeaseLost(lease_key)
+
+    def remote_generation(self, comparison_id: str, label: str) -> dict[str, Any] | None:
+        """What the I/O worker generated for an endpoint candidate (rows, totals, or the reason
+        it could not), or None before it has."""
+        raw = self.r.get(self._key(comparison_id, "remote", label))
+        return json.loads(raw) if raw is not None else None
+
+    def _endpoint_key(self, name: str, part: str) -> str:
+        return f"{self.prefix}:endpoint:{name}:{part}"
+
+    def endpoint_acquire(self, name: str, token: str, *, max_concurrency: int, hold_s: float) -> bool:
+        """Take one of the endpoint's request slots, if one is free under its adaptive limit. The
+        slot is released by endpoint_release, or by itself after ``hold_s``."""
+        return bool(
+            self._endpoint_acquire(
+                keys=[self._endpoint_key(name, "slots"), self._endpoint_key(name, "limit")],
+                args=[token, max_concurrency, hold_s],
+            )
+        )
+
+    def endpoint_release(self, name: str, token: str) -> None:
+        self.r.zrem(self._endpoint_key(name, "slots"), token)
+
+    def endpoint_in_flight(self, name: str) -> int:
+        """Slots held now (expired holders included until the next acquire sweeps them)."""
+        return int(self.r.zcard(self._endpoint_key(name, "slots")))
+
+    def endpoint_congested(self, name: str, *, max_concurrency: int) -> float:
+        """The endpoint answered 429: halve its limit (once per cooldown). Returns the limit."""
+        return float(
+            self._endpoint_adapt(
+                keys=[self._endpoint_key(name, "limit")],
+                args=[max_concurrency, "cut", ENDPOINT_CUT_COOLDOWN_S, ENDPOINT_LIMIT_TTL_S],
+            )
+        )
+
+    def endpoint_succeeded(self, name: str, *, max_concurrency: int) -> float:
+        """A request succeeded: grow the limit by 1/limit, up to max_concurrency."""
+        return float(
+            self._endpoint_adapt(
+                keys=[self._endpoint_key(name, "limit")],
+                args=[max_concurrency, "grow", ENDPOINT_CUT_COOLDOWN_S, ENDPOINT_LIMIT_TTL_S],
+            )
+        )
+
+    def endpoint_limit(self, name: str, *, max_concurrency: int) -> float:
+        """The endpoint's adaptive limit now (max_concurrency when nothing cut it lately)."""
+        raw = self.r.hget(self._endpoint_key(name, "limit"), "limit")
+        return min(float(raw), max_concurrency) if raw else float(max_concurrency)
+
     def ping(self) -> bool:
         return bool(self.r.ping())
 
@@ -937,6 +1061,8 @@ def _decode_candidate(data: Mapping[str, str]) -> CandidateRecord:
         metrics_unavailable=_json(data, "metrics_unavailable") or {},
         run_id=data.get("run_id"),
         worker=data.get("worker"),
+        rows_failed=_int(data, "rows_failed"),
+        totals=_json(data, "totals") or {},
         error=data.get("error"),
         started_at=_time(data, "started_at"),
         generation_started_at=_time(data, "generation_started_at"),

@@ -23,6 +23,7 @@ os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefi
 
 from scripts.stack import Stack, free_port, redis_for_tests
 from shared.client import ComparisonClient
+from tests.fixtures.json_client import JsonClient
 from tests.fixtures.tiny_models import build_all
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -118,7 +119,7 @@ def api_only(redis_url, redis_client, run_id, tmp_path_factory, model_root) -> I
 
 
 @pytest.fixture
-def api_client(api_only: Stack) -> Iterator[ComparisonClient]:
-    client = ComparisonClient(api_only.api_url)
+def api_client(api_only: Stack) -> Iterator[JsonClient]:
+    client = JsonClient(ComparisonClient(api_only.api_url))
     yield client
     client.close()

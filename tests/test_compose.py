@@ -8,6 +8,7 @@ up on the first `docker compose up`.
 from __future__ import annotations
 
 import configparser
+import json
 import re
 import subprocess
 import tomllib
@@ -23,8 +24,8 @@ from shared.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
-CORE_SERVICES = ("redis", "postgres", "mlflow", "api", "worker")
-APP_SERVICES = ("api", "worker", "worker-gpu")
+CORE_SERVICES = ("redis", "postgres", "mlflow", "api", "worker", "io-worker")
+APP_SERVICES = ("api", "worker", "worker-gpu", "io-worker")
 WORKERS = ("worker", "worker-gpu")
 # Read by libraries rather than by Settings.
 ENV_ALLOW_LIST = {
@@ -63,7 +64,8 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
     return {name: str(value) for name, value in env.items()}
 
 
-DEFAULTED_VARIABLE = r"\$\{[A-Z][A-Z0-9_]*:-([^}$]+)\}"
+# The default may be empty (${NAME:-}): an optional setting left unset.
+DEFAULTED_VARIABLE = r"\$\{[A-Z][A-Z0-9_]*:-([^}$]*)\}"
 
 
 def interpolate_default(value: str | None) -> str:
@@ -121,9 +123,18 @@ def run_lines(path: Path) -> list[str]:
     return instruction_args(path, "RUN")
 
 
+# Where compose mounts ./config (the endpoints file) in the containers that read it.
+CONFIG_MOUNT = "/etc/llm-compare"
+
+
 def settings_from(env: dict[str, str]) -> Settings:
     fields = Settings.model_fields
-    return Settings(**{var.lower(): value for var, value in env.items() if var.lower() in fields})
+    # ${VAR:-default} reads as its default, as compose does when .env leaves VAR unset.
+    values = {var.lower(): interpolate_default(value) for var, value in env.items() if var.lower() in fields}
+    if str(values.get("endpoints_file", "")).startswith(CONFIG_MOUNT + "/"):
+        # Read from the checkout's ./config, which compose mounts there.
+        values["endpoints_file"] = str(ROOT / "config" / values["endpoints_file"][len(CONFIG_MOUNT) + 1 :])
+    return Settings(**values)
 
 
 def dockerfile_of(service: dict[str, Any]) -> Path:
@@ -192,6 +203,8 @@ def test_dependencies_wait_for_health(services: dict[str, Any], name: str) -> No
 
 
 def test_dependency_graph(services: dict[str, Any]) -> None:
+    # The I/O workers reach Redis and the endpoints; never MLflow (scoring stays on the workers).
+    assert set(services["io-worker"]["depends_on"]) == {"redis"}
     assert set(services["mlflow"]["depends_on"]) == {"postgres"}
     assert set(services["mlflow-users"]["depends_on"]) == {"mlflow"}
     assert set(services["api"]["depends_on"]) == {"redis", "mlflow"}
@@ -378,7 +391,7 @@ def test_gpu_worker_does_not_fork(services: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------ images
-@pytest.mark.parametrize("name", ["mlflow", "api", "worker", "worker-gpu"])
+@pytest.mark.parametrize("name", ["mlflow", "api", "worker", "worker-gpu", "io-worker"])
 def test_build_dockerfiles_exist(services: dict[str, Any], name: str) -> None:
     dockerfile = dockerfile_of(services[name])
     assert dockerfile.is_file(), dockerfile
@@ -390,7 +403,7 @@ def test_build_dockerfiles_exist(services: dict[str, Any], name: str) -> None:
                     assert (ROOT / source).exists(), (dockerfile, source)
 
 
-@pytest.mark.parametrize("name", ["api", "worker", "mlflow"])
+@pytest.mark.parametrize("name", ["api", "worker", "mlflow", "io-worker"])
 def test_images_do_not_run_as_root(services: dict[str, Any], name: str) -> None:
     users = instruction_args(dockerfile_of(services[name]), "USER")
     assert users and users[-1] not in {"root", "0"}
@@ -509,3 +522,52 @@ def test_mlflow_auth_config_is_in_the_image(services: dict[str, Any]) -> None:
     assert "CREATE DATABASE mlflow_auth" in (ROOT / "services/postgres/init.sql").read_text()
     mounts = volume_mounts(services["postgres"])
     assert mounts["/docker-entrypoint-initdb.d/10-mlflow-auth.sql"] == "./services/postgres/init.sql"
+
+
+# ------------------------------------------------------------------------------------ I/O workers
+def test_io_worker_runs_the_local_stack_entry_point(services: dict[str, Any], stack: Stack) -> None:
+    local = without_option(stack.io_worker_command("io0"), "--hostname")
+    command = services["io-worker"]["command"]
+    assert Path(local[0]).name == command[0] == "celery"
+    assert command[1:] == local[1:]
+    assert command[1:4] == ["-A", "services.worker.io_app", "worker"]
+    assert options(command)["--pool"] == "threads"
+    assert options(command)["--queues"] == Settings(queue_name=stack.queue_name).io_queue_name
+    healthcheck = services["io-worker"]["healthcheck"]["test"]
+    assert "celery -A services.worker.io_app inspect ping -d celery@$$HOSTNAME" in healthcheck[1]
+    # The image's default command is the same worker.
+    cmd = json.loads(instruction_args(dockerfile_of(services["io-worker"]), "CMD")[-1])
+    assert cmd == command
+
+
+def test_io_worker_image_has_no_torch(services: dict[str, Any]) -> None:
+    dockerfile = dockerfile_of(services["io-worker"])
+    runs = " ".join(run_lines(dockerfile))
+    assert "pip install --no-cache-dir ." in runs
+    # No extra at all: the base dependencies are what the I/O app imports.
+    assert "torch" not in runs and "[" not in runs and "mlflow" not in runs and "transformers" not in runs
+    assert dockerfile != dockerfile_of(services["worker"])
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = " ".join(project["dependencies"])
+    for heavy in ("torch", "transformers", "mlflow"):
+        assert heavy not in base
+
+
+@pytest.mark.parametrize("name", ["api", "io-worker"])
+def test_endpoints_file_is_mounted_and_valid(services: dict[str, Any], name: str) -> None:
+    service = services[name]
+    env = environment(service)
+    assert env["ENDPOINTS_FILE"] == f"{CONFIG_MOUNT}/endpoints.yaml"
+    assert volume_mounts(service)[CONFIG_MOUNT] == "./config"
+    assert f"./config:{CONFIG_MOUNT}:ro" in service["volumes"]
+    # The file shipped in ./config parses (an empty list until an operator adds endpoints).
+    assert settings_from(env).endpoints == {}
+
+
+def test_endpoint_keys_reach_only_the_io_workers(services: dict[str, Any]) -> None:
+    assert services["io-worker"]["env_file"] == [{"path": ".env.endpoints", "required": False}]
+    for name, service in services.items():
+        if name != "io-worker":
+            assert "env_file" not in service, name
+    assert ".env.endpoints" in (ROOT / ".gitignore").read_text().split()
+    assert ".env.endpoints" in (ROOT / ".dockerignore").read_text().split()

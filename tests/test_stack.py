@@ -18,7 +18,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from scripts.stack import ROOT, Stack, free_port, redis_answers, redis_for_tests, redis_server_binary
+from scripts.stack import (
+    ROOT,
+    Stack,
+    endpoint_notes,
+    free_port,
+    redis_answers,
+    redis_for_tests,
+    redis_server_binary,
+)
 
 
 def path_without_redis_server() -> str:
@@ -184,3 +192,52 @@ class TestRedisForTests:
                 assert url != f"redis://127.0.0.1:{port}/0"
                 assert redis_answers(url)
             assert not redis_answers(url)
+
+
+def test_settings_in_the_environment_reach_every_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`WEBHOOK_ALLOWED_HOSTS=hooks.example.com make dev` must reach the API (submit-time checks)
+    and the workers (delivery-time checks): every process is spawned with Stack.env()."""
+    monkeypatch.setenv("WEBHOOK_ALLOWED_HOSTS", "hooks.example.com,127.0.0.1:9000")
+    stack = Stack(run_dir=tmp_path)
+    assert stack.env()["WEBHOOK_ALLOWED_HOSTS"] == "hooks.example.com,127.0.0.1:9000"
+
+
+class TestEndpointsReachTheProcesses:
+    """`make dev` runs the API, a worker and an I/O worker with the caller's environment: the
+    endpoints file, the webhook allowlist and the keys the endpoints' api_key_env name."""
+
+    def test_the_environment_passes_through(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("ENDPOINTS_FILE", str(tmp_path / "endpoints.yaml"))
+        monkeypatch.setenv("WEBHOOK_ALLOWED_HOSTS", "127.0.0.1")
+        monkeypatch.setenv("VLLM_PROD_KEY", "k-123")
+        env = Stack(run_dir=tmp_path).env()
+        assert env["ENDPOINTS_FILE"] == str(tmp_path / "endpoints.yaml")
+        assert env["WEBHOOK_ALLOWED_HOSTS"] == "127.0.0.1"
+        assert env["VLLM_PROD_KEY"] == "k-123"
+
+    def test_one_io_worker_on_the_io_queue_by_default(self, tmp_path):
+        stack = Stack(run_dir=tmp_path, queue_name="q1")
+        assert stack.io_workers == 1
+        command = stack.io_worker_command("io0")
+        assert command[1:4] == ["-A", "services.worker.io_app", "worker"]
+        assert command[command.index("--queues") + 1] == "q1.io"
+        assert command[command.index("--pool") + 1] == "threads"
+
+    def test_make_dev_names_the_endpoints_and_the_missing_keys(self, tmp_path):
+        path = tmp_path / "endpoints.yaml"
+        path.write_text(
+            "- {name: a, base_url: 'http://127.0.0.1:9/v1', api: chat, max_concurrency: 1,\n"
+            "   api_key_env: KEY_A}\n"
+            "- {name: b, base_url: 'http://127.0.0.1:9/v1', api: chat, max_concurrency: 1,\n"
+            "   api_key_env: KEY_B}\n"
+        )
+        notes = endpoint_notes({"ENDPOINTS_FILE": str(path), "KEY_A": "set"})
+        assert notes == [
+            f"Endpoints  a, b (from {path})",
+            "           not set, so candidates on their endpoints fail: KEY_B",
+        ]
+        assert endpoint_notes({}) == []
+        path.write_text("- {name: a}\n")
+        assert "field base_url: Field required" in endpoint_notes({"ENDPOINTS_FILE": str(path)})[0]

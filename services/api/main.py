@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api.errors import PayloadTooLarge, install_error_handlers
 from services.api.queue import Publisher
-from services.api.routes import catalog, comparisons, feedback, health
+from services.api.routes import catalog, comparisons, feedback, health, webhooks
 from services.api.web import routes as web
 from shared.schemas import ComparisonCreate
 from shared.settings import Settings, get_settings
@@ -131,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(catalog.router)
     app.include_router(comparisons.router)
     app.include_router(feedback.router)
+    app.include_router(webhooks.router)
     # The web pages: same process, same origin, no second server.
     app.include_router(web.router)
     app.add_exception_handler(web.SignInRequired, web.send_to_sign_in)

@@ -130,6 +130,8 @@ def _to_read(
                 if run_id and experiment_id
                 else None,
                 error=cand.error,
+                rows_failed=cand.rows_failed,
+                totals=cand.totals,
                 # Host names and process ids are the operators' business.
                 worker=cand.worker if principal.is_admin else None,
                 started_at=cand.started_at,

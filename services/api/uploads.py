@@ -20,13 +20,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from services.api.errors import FieldProblem, InvalidComparison, problems_from_errors
-from shared.schemas import ComparisonCreate
+from shared.schemas import MAX_CALLBACKS, ComparisonCreate
 from shared.settings import Settings, get_settings
 
 # A valid comparison nests five levels deep (body > candidates > candidate > generation > stop).
 MAX_JSON_DEPTH = 8
-# Containers a request holds besides its rows and candidates (the body, dataset, lists, tags).
-_FIXED_CONTAINERS = 16
+# Containers a request holds besides its rows and candidates (the body, dataset, lists, tags),
+# and its callbacks: their list, and per callback the object and its events.
+_FIXED_CONTAINERS = 16 + 1 + 2 * MAX_CALLBACKS
 # Per candidate: the object, its generation settings and their stop list.
 _CONTAINERS_PER_CANDIDATE = 3
 

@@ -14,11 +14,19 @@ from typing import Any
 
 from services.api.errors import FieldProblem, InvalidComparison
 from shared.catalog import CATALOG
-from shared.metrics import DEFAULT_METRICS, METRICS, MetricInfo
+from shared.endpoints import endpoint_model_problem, parse_endpoint_model
+from shared.metrics import DEFAULT_METRICS, ENDPOINT_USAGE_METRICS, METRICS, MetricInfo
 from shared.patterns import pattern_problem
 from shared.prompts import PromptLength
 from shared.results import has_reference
-from shared.schemas import ComparisonCreate, template_fields, text_problem
+from shared.schemas import (
+    CallbackCreate,
+    CandidateSpec,
+    ComparisonCreate,
+    GenerationConfig,
+    template_fields,
+    text_problem,
+)
 from shared.settings import Settings
 from shared.sources import (
     SourceKind,
@@ -28,6 +36,7 @@ from shared.sources import (
     mlflow_model_problem,
     revision_problem,
 )
+from shared.webhook_targets import Resolver, TargetRefused, check_target, system_resolve
 
 
 def resolve_metrics(spec: ComparisonCreate) -> list[str]:
@@ -54,13 +63,42 @@ def validate_comparison(
     problems += _check_prompts(spec, settings)
     problems += _check_tags(spec.tags)
     problems += _check_dataset(spec, settings)
+    problems += callback_problems(spec.callbacks, settings)
     if not problems:
         problems += _check_templates_against_rows(spec)
         problems += _check_rendered_prompts(spec, settings)
         problems += _check_metrics(spec, registry, judge_configured=settings.judge_configured)
+        problems += _check_endpoint_metrics(spec, registry)
     if problems:
         raise InvalidComparison(problems)
     return resolve_metrics(spec)
+
+
+def callback_problems(
+    callbacks: list[CallbackCreate], settings: Settings, *, resolve: Resolver | None = None
+) -> list[FieldProblem]:
+    """Every callback whose URL may not be called: its shape, the operator's allowlist, and the
+    addresses its host resolves to now (only hosts the allowlist matches are resolved). The I/O workers
+    check again before every attempt, since DNS answers change."""
+    problems: list[FieldProblem] = []
+    allowlist = settings.webhook_allowlist
+    seen: dict[str, int] = {}
+    for i, callback in enumerate(callbacks):
+        field = f"callbacks[{i}].url"
+        if callback.url in seen:
+            problems.append(
+                FieldProblem(
+                    field,
+                    f"the same URL as callbacks[{seen[callback.url]}]: list all its events in one callback",
+                )
+            )
+            continue
+        seen[callback.url] = i
+        try:
+            check_target(callback.url, allowlist, resolve=resolve or system_resolve)
+        except TargetRefused as exc:
+            problems.append(FieldProblem(field, str(exc)))
+    return problems
 
 
 def _check_candidates(spec: ComparisonCreate, settings: Settings) -> list[FieldProblem]:
@@ -96,6 +134,9 @@ def _check_candidates(spec: ComparisonCreate, settings: Settings) -> list[FieldP
                 )
             )
         source = classify_model(candidate.model)
+        if source.kind is SourceKind.endpoint:
+            problems += _check_endpoint_candidate(i, candidate, settings)
+            continue
         if source.kind is SourceKind.catalog and source.value not in CATALOG:
             problems.append(
                 FieldProblem(
@@ -123,6 +164,88 @@ def _check_candidates(spec: ComparisonCreate, settings: Settings) -> list[FieldP
                     "under one of them (setting MODEL_ROOTS)",
                 )
             )
+    return problems
+
+
+def _check_endpoint_candidate(i: int, candidate: CandidateSpec, settings: Settings) -> list[FieldProblem]:
+    """A candidate on a remote endpoint: a configured one, and only settings its API can take. A
+    setting it cannot take is refused rather than dropped, so no comparison silently differs
+    from what was asked."""
+    at = f"candidates[{i}]"
+    problem = endpoint_model_problem(candidate.model, settings.endpoints)
+    parsed = parse_endpoint_model(candidate.model)
+    if problem or parsed is None:
+        return [FieldProblem(f"{at}.model", problem or "not an endpoint model")]
+    endpoint = settings.endpoints[parsed[0]]
+    on = f"endpoint {endpoint.name!r} ({endpoint.api} API)"
+    gen, defaults = candidate.generation, GenerationConfig()
+    problems: list[FieldProblem] = []
+    if candidate.revision is not None:
+        problems.append(
+            FieldProblem(
+                f"{at}.revision",
+                f"{on} serves its own models: leave revision out and name the model in the model id",
+            )
+        )
+    if gen.top_k != defaults.top_k:
+        problems.append(
+            FieldProblem(
+                f"{at}.generation.top_k",
+                f"{on} takes no top_k: leave it at its default ({defaults.top_k}) and use top_p, or "
+                "compare on a local model",
+            )
+        )
+    if gen.repetition_penalty != defaults.repetition_penalty:
+        problems.append(
+            FieldProblem(
+                f"{at}.generation.repetition_penalty",
+                f"{on} takes no repetition_penalty: leave it at its default "
+                f"({defaults.repetition_penalty:g}), or compare on a local model",
+            )
+        )
+    if endpoint.api == "completions" and candidate.use_chat_template is True:
+        problems.append(
+            FieldProblem(
+                f"{at}.use_chat_template",
+                f"{on} sends the rendered prompt as it is, with no chat template: set it to 'auto' or "
+                "false, or use an endpoint whose api is chat",
+            )
+        )
+    if endpoint.api == "chat" and candidate.use_chat_template is False:
+        problems.append(
+            FieldProblem(
+                f"{at}.use_chat_template",
+                f"{on} always applies the server's chat template: set it to 'auto' or true, or use an "
+                "endpoint whose api is completions",
+            )
+        )
+    return problems
+
+
+def _check_endpoint_metrics(spec: ComparisonCreate, registry: dict[str, MetricInfo]) -> list[FieldProblem]:
+    """Metrics counted with the candidate's tokenizer: endpoint candidates have none, and get only
+    the counts their server reports in its usage (ENDPOINT_USAGE_METRICS)."""
+    endpoints = [
+        (i, c.label)
+        for i, c in enumerate(spec.candidates)
+        if classify_model(c.model).kind is SourceKind.endpoint
+    ]
+    if not endpoints or spec.metrics is None:
+        return []
+    problems: list[FieldProblem] = []
+    for j, name in enumerate(spec.metrics):
+        info = registry.get(name)
+        if info is None or not info.needs_tokenizer or name in ENDPOINT_USAGE_METRICS:
+            continue
+        i, label = endpoints[0]
+        problems.append(
+            FieldProblem(
+                f"metrics[{j}]",
+                f"{name} is counted with the candidate's own tokenizer, which endpoint candidate "
+                f"candidates[{i}] ({label!r}) does not have; endpoints report only "
+                f"{', '.join(sorted(ENDPOINT_USAGE_METRICS))}: drop the metric or the candidate",
+            )
+        )
     return problems
 
 

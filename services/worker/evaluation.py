@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.metrics import MetricValue, make_metric
 
 from services.worker.custom_metrics import CustomMetric
 from services.worker.generation import Generated
 from services.worker.metrics import build_metrics, model_type_builtins
-from services.worker.stats import aggregate
+from services.worker.stats import aggregate, aggregate_numbers
 from shared.metrics import METRICS, MetricInfo
 from shared.results import has_reference
 
@@ -24,7 +26,13 @@ _ROW_COLUMNS_RESERVED = {
     "output_token_count",
     "latency_s",
     "row_index",
+    "input_token_count",
+    "time_to_first_token_s",
+    "row_cost",
+    "generation_error",
 }
+# A failed endpoint row's justification, where a metric gives one.
+FAILED_ROW = "not scored: the request to the endpoint failed"
 
 
 def _metric_key(metric: Any) -> str:
@@ -44,7 +52,13 @@ def build_frame(rows: list[dict[str, Any]], prompts: list[str], generated: list[
         "outputs": [g.output for g in generated],
         "output_token_count": [g.output_tokens for g in generated],
         "latency_s": [g.latency_s for g in generated],
+        "input_token_count": [g.input_tokens for g in generated],
+        "time_to_first_token_s": [g.ttft_s for g in generated],
+        "row_cost": [g.cost for g in generated],
     }
+    if any(g.error for g in generated):
+        # Failed endpoint rows: an empty output here, null scores, and the reason beside them.
+        frame["generation_error"] = [g.error for g in generated]
     if any(has_reference(row) for row in rows):
         frame["reference"] = [None if row.get("reference") is None else str(row["reference"]) for row in rows]
     extra = [k for k in rows[0] if k not in ("input", "reference") and k not in _ROW_COLUMNS_RESERVED]
@@ -73,6 +87,10 @@ def evaluate_outputs(
     registry_metrics.update({n: custom[n].to_mlflow(rows) for n in metric_names if n in custom})
     builtins, skipped = model_type_builtins(model_type, metric_names)
     named = {**registry_metrics, **{m.name: m for m in builtins}}
+    failed = {i for i, g in enumerate(generated) if g.error}
+    if failed:
+        info_of: dict[str, MetricInfo] = {**METRICS, **{n: m.info for n, m in custom.items()}}
+        named = {name: _skipping_rows(metric, failed, info_of.get(name)) for name, metric in named.items()}
     with_targets = all(has_reference(row) for row in rows)
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -104,6 +122,35 @@ def evaluate_outputs(
     aggregates = {name: aggregate([row.get(name) for row in row_scores], info.get(name)) for name in named}
     means = {name: agg["mean"] for name, agg in aggregates.items() if "mean" in agg}
     return {"metrics": means, "aggregates": aggregates, "row_scores": row_scores, "skipped_builtins": skipped}
+
+
+def _skipping_rows(metric: Any, failed: set[int], info: MetricInfo | None) -> Any:
+    """The same metric, leaving the rows in ``failed`` unscored (their request to the endpoint
+    failed, so there is no output to score) in its per-row scores and in its aggregates."""
+    original = metric.eval_fn
+
+    def eval_fn(*args: Any) -> Any:
+        value = original(*args)
+        if value is None or value.scores is None:
+            return value
+        scores = [None if i in failed else score for i, score in enumerate(value.scores)]
+        justifications = value.justifications and [
+            FAILED_ROW if i in failed else text for i, text in enumerate(value.justifications)
+        ]
+        return MetricValue(
+            scores=scores,  # type: ignore[arg-type]  # None: not scored, as in the judge metrics
+            justifications=justifications,
+            aggregate_results=aggregate_numbers(aggregate(scores, info)),
+        )
+
+    # MLflow passes each column by the name of the parameter: keep the original's.
+    eval_fn.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]
+    return make_metric(
+        eval_fn=eval_fn,
+        greater_is_better=metric.greater_is_better,
+        name=metric.name,
+        version=getattr(metric, "version", None),
+    )
 
 
 def _clean(value: Any) -> float | None:

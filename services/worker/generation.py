@@ -100,9 +100,19 @@ def check_prompt_lengths(
 @dataclass
 class Generated:
     output: str
-    output_tokens: int
-    # Seconds from the start of the row's batch until the row produced its last token.
-    latency_s: float
+    # None for an endpoint row whose server reported no usage.
+    output_tokens: int | None
+    # Seconds from the start of the row's batch until the row produced its last token (endpoint
+    # rows: from sending the request until the whole reply arrived). None for a failed row.
+    latency_s: float | None
+    # Prompt tokens; until the first token (the batch's first decoding step, or the first token
+    # an endpoint streamed); the row's cost by the endpoint's price table. Absent in cache
+    # entries written before they existed.
+    input_tokens: int | None = None
+    ttft_s: float | None = None
+    cost: float | None = None
+    # Why an endpoint row has no output (its request failed after retries); None otherwise.
+    error: str | None = None
 
 
 def top_k_top_p_probs(scores: Any, *, temperature: float, top_k: int, top_p: float) -> tuple[Any, Any]:
@@ -228,7 +238,9 @@ def generate_outputs(
     tokenizer = loaded.tokenizer
     if not prompts:
         return []
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    # Counted as _generate_batch encodes them: also each row's input_tokens.
+    add_special = loaded.is_seq2seq or not _starts_with_bos(tokenizer, prompts[0])
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special)["input_ids"]]
     # Sorting by length keeps padding (wasted compute) low inside each batch.
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     results: list[Generated | None] = [None] * len(prompts)
@@ -284,6 +296,8 @@ def generate_outputs(
                 output=text.strip(),
                 output_tokens=len(ids),
                 latency_s=step_seconds[min(steps, len(step_seconds)) - 1],
+                input_tokens=lengths[index],
+                ttft_s=step_seconds[0],
             )
             tokens_done += len(ids)
         start += len(batch)

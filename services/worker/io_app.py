@@ -9,8 +9,10 @@ stays on the model workers' queue.
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
-from celery import Celery
+from celery import Celery, signals
 
 from shared.celery_config import celery_config
 from shared.settings import get_settings
@@ -22,4 +24,32 @@ app = Celery("llm-compare-io")
 app.conf.update(celery_config(_settings))
 app.conf.task_default_queue = _settings.io_queue_name
 # The modules whose tasks these workers run; each adds itself here.
-app.conf.imports = ()
+app.conf.imports = ("services.worker.webhook_tasks", "services.worker.remote_tasks")
+
+_webhook_sweep: dict[str, Any] = {}
+
+
+@signals.worker_ready.connect
+def _start_webhook_sweep(**_: object) -> None:
+    """Deliveries whose next attempt is due are sent from here: their waits (up to 10 h) are
+    kept in Redis, never as broker countdowns (services/worker/webhooks.py)."""
+    from services.worker import webhook_tasks
+
+    _webhook_sweep["stop"] = webhook_tasks.start_sweeper()
+
+
+@signals.worker_shutting_down.connect
+def _stop_webhook_sweep(**_: object) -> None:
+    stop = _webhook_sweep.get("stop")
+    if stop is not None:
+        stop.set()
+
+
+@signals.worker_shutting_down.connect
+def _hand_back_running_generations(**_: object) -> None:
+    """SIGTERM (a redeploy): running endpoint generations stop sending and give their candidate
+    back to the queue; rows already answered are in the response cache, so the next delivery
+    resumes from there."""
+    from services.worker.remote import STOP
+
+    STOP.set()

@@ -1,8 +1,10 @@
 """The metric registry's implementations, as MLflow metrics for ``mlflow.evaluate(extra_metrics=...)``.
 
 Each entry is keyed by a name in ``shared.metrics.METRICS``. Columns the worker adds to the
-evaluation frame (``output_token_count``, ``latency_s``, ``expects_json``) reach the metric
-functions by parameter name, which is how ``mlflow.evaluate`` passes extra columns.
+evaluation frame (``output_token_count``, ``latency_s``, ``input_token_count``,
+``time_to_first_token_s``, ``row_cost``, ``expects_json``) reach the metric functions by
+parameter name, which is how ``mlflow.evaluate`` passes extra columns. For endpoint candidates
+the token counts come from the usage the server reported and the times from the requests.
 """
 
 from __future__ import annotations
@@ -53,25 +55,44 @@ def _against_reference(name: str, fn: Callable[[str, str], float]) -> Callable[.
     return eval_fn
 
 
+def _number(value: Any) -> float | None:
+    """A frame cell as a number; None where it is missing (an endpoint that reported no usage,
+    a row that was not generated locally)."""
+    if value is None:
+        return None
+    number = float(value)
+    return None if np.isnan(number) else number
+
+
 def _output_tokens(predictions: pd.Series, output_token_count: pd.Series) -> MetricValue:
-    return _result("output_tokens", [float(n) for n in output_token_count])
+    return _result("output_tokens", [_number(n) for n in output_token_count])
 
 
 def _latency(predictions: pd.Series, latency_s: pd.Series) -> MetricValue:
-    return _result("latency", [float(s) for s in latency_s])
+    return _result("latency", [_number(s) for s in latency_s])
 
 
 def _tokens_per_second(
     predictions: pd.Series, output_token_count: pd.Series, latency_s: pd.Series
 ) -> MetricValue:
     # Each row's own rate: its tokens over its own latency (see generation.py).
-    return _result(
-        "tokens_per_second",
-        [
-            float(n) / float(s) if s and s > 0 else None
-            for n, s in zip(output_token_count, latency_s, strict=True)
-        ],
-    )
+    rates = []
+    for n, s in zip(output_token_count, latency_s, strict=True):
+        tokens, seconds = _number(n), _number(s)
+        rates.append(tokens / seconds if tokens is not None and seconds else None)
+    return _result("tokens_per_second", rates)
+
+
+def _input_tokens(predictions: pd.Series, input_token_count: pd.Series) -> MetricValue:
+    return _result("input_tokens", [_number(n) for n in input_token_count])
+
+
+def _time_to_first_token(predictions: pd.Series, time_to_first_token_s: pd.Series) -> MetricValue:
+    return _result("time_to_first_token", [_number(s) for s in time_to_first_token_s])
+
+
+def _cost(predictions: pd.Series, row_cost: pd.Series) -> MetricValue:
+    return _result("cost", [_number(c) for c in row_cost])
 
 
 def _json_valid(
@@ -292,6 +313,9 @@ METRIC_FACTORIES: dict[str, MetricFactory] = {
     ),
     "latency": lambda o: _make("latency_seconds", _latency, False),
     "tokens_per_second": lambda o: _make("tokens_per_second", _tokens_per_second, True),
+    "time_to_first_token": lambda o: _make("time_to_first_token", _time_to_first_token, False),
+    "input_tokens": lambda o: _make("input_tokens", _input_tokens, False),
+    "cost": lambda o: _make("cost", _cost, False),
     "flesch_kincaid_grade": lambda o: _make(
         "flesch_kincaid_grade", _per_row("flesch_kincaid_grade", tm.flesch_kincaid_grade), False
     ),

@@ -371,6 +371,9 @@ def _load_mlflow(uri: str, settings: Settings) -> tuple[Any, Any, str]:
 
 def load_model(model: str, *, revision: str | None, settings: Settings) -> LoadedModel:
     source = classify_model(model)
+    if source.kind is SourceKind.endpoint:
+        # Its outputs come from the remote endpoint (services/worker/remote.py): nothing to load.
+        raise ModelLoadError(f"{model!r} is served by a remote endpoint and is not loaded by a worker")
     try:
         return _load(source, revision=revision, settings=settings)
     except ModelLoadError:

@@ -30,7 +30,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from redis.exceptions import RedisError
 
-from services.worker import tracking
+from services.worker import tracking, webhooks
 from services.worker.custom_metrics import CustomMetric
 from services.worker.errors import TrackingUnavailable, describe, is_transient
 from services.worker.evaluation import evaluate_outputs
@@ -52,6 +52,13 @@ from services.worker.judge import (
 )
 from services.worker.locks import Lease
 from services.worker.models import ModelCache, ModelLoadError
+from services.worker.remote_scoring import (
+    RemoteGenerationFailed,
+    awaits_generation,
+    is_endpoint,
+    load_generation,
+    stored_outputs,
+)
 from services.worker.response_cache import ResponseCache, cache_keys
 from services.worker.stats import paired_compare
 from services.worker.summary import build_summary, render_html
@@ -65,7 +72,7 @@ from shared.schemas import (
 )
 from shared.settings import Settings
 from shared.store import FINALIZE_STEP, START_STEP, ComparisonStore, LeaseLost, utcnow
-from shared.tasks import FINALIZE_COMPARISON, RUN_CANDIDATE
+from shared.tasks import FINALIZE_COMPARISON, GENERATE_REMOTE, RUN_CANDIDATE
 
 log = structlog.get_logger()
 
@@ -113,7 +120,10 @@ def queue_candidate(ctx: WorkerContext, comparison_id: str, label: str) -> str:
     recorded is harmless (a redelivered start publishes it again and the candidate's lease keeps
     the two apart), while a recorded one that was never published would be skipped by every
     redelivery of the start task."""
-    task_id = dispatch_step(ctx, RUN_CANDIDATE, comparison_id, label, {"label": label})
+    # An endpoint candidate is generated on the I/O workers first (services/worker/remote.py),
+    # which queue its scoring step themselves; once its rows are stored it goes to scoring.
+    name = GENERATE_REMOTE if awaits_generation(ctx.store, comparison_id, label) else RUN_CANDIDATE
+    task_id = dispatch_step(ctx, name, comparison_id, label, {"label": label})
     ctx.store.record_task(comparison_id, label, task_id)
     return task_id
 
@@ -176,7 +186,14 @@ def _start_locked(ctx: WorkerContext, comparison_id: str) -> str:
         experiment_id=experiment_id,
         parent_run_id=parent_run_id,
     )
+    emit_event(ctx, comparison_id, "comparison.started")
     return "started"
+
+
+def emit_event(ctx: WorkerContext, comparison_id: str, event: str, *, label: str | None = None) -> None:
+    """Call back the comparison's webhooks subscribed to ``event`` (at most once per event and
+    callback, however often a redelivered step gets here). Never raises."""
+    webhooks.emit_safely(ctx.store, ctx.settings, ctx.dispatch, comparison_id, event, label=label)
 
 
 # ------------------------------------------------------------------------------------ candidate
@@ -236,6 +253,10 @@ class CandidateWriter:
 
 def run_candidate(ctx: WorkerContext, comparison_id: str, label: str) -> str:
     store = ctx.store
+    if awaits_generation(store, comparison_id, label) and not store.status(comparison_id).is_final:
+        # An endpoint candidate queued here before the I/O workers generated it: they go first.
+        queue_candidate(ctx, comparison_id, label)
+        return "generating"
     lease = Lease(store.r, store.lease_key(comparison_id, label), ttl_s=ctx.settings.candidate_lease_s)
     if not lease.acquire():
         state = store.candidate(comparison_id, label).status
@@ -417,7 +438,7 @@ def end_run(ctx: WorkerContext, run_id: str | None, status: str, *, error: str |
 
 
 def _describe(exc: BaseException, settings: Settings) -> str:
-    if isinstance(exc, ModelLoadError):
+    if isinstance(exc, ModelLoadError | RemoteGenerationFailed):
         return str(exc)
     name = type(exc).__name__
     if name == "OutOfMemoryError":
@@ -436,6 +457,17 @@ def _generate_and_evaluate(
     experiment_id: str,
     writer: CandidateWriter,
 ) -> dict[str, Any]:
+    if is_endpoint(candidate.model):
+        return _score_remote(
+            ctx,
+            comparison_id=comparison_id,
+            candidate=candidate,
+            rows=rows,
+            spec=spec,
+            run_id=run_id,
+            experiment_id=experiment_id,
+            writer=writer,
+        )
     store = ctx.store
     started = time.perf_counter()
     loaded = ctx.models.get(candidate.model, revision=candidate.revision, settings=ctx.settings)
@@ -513,7 +545,7 @@ def _generate_and_evaluate(
     }
     client = tracking.client(ctx.settings.mlflow_tracking_uri)
     _log_params(client, run_id, params)
-    total_tokens = sum(g.output_tokens for g in fresh)
+    total_tokens = sum(g.output_tokens or 0 for g in fresh)
     now_ms = int(time.time() * 1000)
     run_metrics = {
         "cache_hits": hits,
@@ -523,7 +555,74 @@ def _generate_and_evaluate(
         "generation_tokens_per_second": total_tokens / generation_seconds if generation_seconds else 0.0,
     }
     client.log_batch(run_id, metrics=[Metric(k, float(v), now_ms, 0) for k, v in run_metrics.items()])
+    return _score(
+        ctx,
+        comparison_id=comparison_id,
+        candidate=candidate,
+        rows=rows,
+        prompts=prompts,
+        generated=generated,
+        spec=spec,
+        run_id=run_id,
+        experiment_id=experiment_id,
+        writer=writer,
+        client=client,
+    )
 
+
+def _score_remote(
+    ctx: WorkerContext,
+    *,
+    comparison_id: str,
+    candidate: CandidateSpec,
+    rows: list[dict[str, Any]],
+    spec: ComparisonSpec,
+    run_id: str,
+    experiment_id: str,
+    writer: CandidateWriter,
+) -> dict[str, Any]:
+    """An endpoint candidate: the I/O workers generated and stored its rows; score them here,
+    in its MLflow run, like any other candidate's."""
+    record = ctx.store.remote_generation(comparison_id, candidate.label)
+    if record and record.get("rows"):
+        # Kept even if the candidate fails below, so /results can still show them.
+        writer.outputs(stored_outputs(record))
+    stored = load_generation(record, candidate, spec)
+    writer.fields(cache_hits=stored.cache_hits, rows_failed=stored.rows_failed, totals=stored.totals)
+    client = tracking.client(ctx.settings.mlflow_tracking_uri)
+    _log_params(client, run_id, stored.params)
+    now_ms = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now_ms, 0) for k, v in stored.run_metrics.items()])
+    return _score(
+        ctx,
+        comparison_id=comparison_id,
+        candidate=candidate,
+        rows=rows,
+        prompts=stored.prompts,
+        generated=stored.generated,
+        spec=spec,
+        run_id=run_id,
+        experiment_id=experiment_id,
+        writer=writer,
+        client=client,
+    )
+
+
+def _score(
+    ctx: WorkerContext,
+    *,
+    comparison_id: str,
+    candidate: CandidateSpec,
+    rows: list[dict[str, Any]],
+    prompts: list[str],
+    generated: list[Generated],
+    spec: ComparisonSpec,
+    run_id: str,
+    experiment_id: str,
+    writer: CandidateWriter,
+    client: Any,
+) -> dict[str, Any]:
+    """mlflow.evaluate() on the generated rows in the candidate's run; the scores kept with them."""
     mlflow.set_tracking_uri(ctx.settings.mlflow_tracking_uri)
     # Judge metrics whose judge stayed unavailable, with why: filled in while scoring.
     judge_unavailable: dict[str, str] = {}
@@ -558,7 +657,10 @@ def _generate_and_evaluate(
     if scored["skipped_builtins"]:
         _log_params(client, run_id, {"model_type_metrics_skipped": ",".join(scored["skipped_builtins"])})
     writer.outputs(
-        [{"output": g.output, "scores": s} for g, s in zip(generated, scored["row_scores"], strict=True)],
+        [
+            {"output": None, "scores": s, "error": g.error} if g.error else {"output": g.output, "scores": s}
+            for g, s in zip(generated, scored["row_scores"], strict=True)
+        ],
     )
     return scored
 
@@ -594,6 +696,7 @@ def candidate_ended(ctx: WorkerContext, comparison_id: str, label: str) -> None:
     """Count a candidate as ended; once every candidate has, queue the summary step, once."""
     store = ctx.store
     store.mark_ended(comparison_id, label)
+    emit_event(ctx, comparison_id, "candidate.finished", label=label)
     labels = store.spec(comparison_id).labels
     if store.status(comparison_id) is ComparisonStatus.cancelled:
         # The gateway cancels queued candidates and revokes their tasks, which then never run to
@@ -722,6 +825,7 @@ def _finalize_locked(ctx: WorkerContext, comparison_id: str) -> str:
     # An error the start step recorded (fail_comparison) says more than the candidates' echoes.
     if failed_errors and outcome is not ComparisonStatus.succeeded and not record.error:
         store.set_fields(comparison_id, error="; ".join(failed_errors)[:2000])
+    _emit_finished(ctx, comparison_id, labels)
     store.mark_finalized(comparison_id)
     final = store.status(comparison_id)
     log.info("comparison.finished", comparison_id=comparison_id, status=final.value)
@@ -875,5 +979,15 @@ def fail_finalize(ctx: WorkerContext, comparison_id: str, message: str) -> None:
         except MlflowException as exc:
             # The run or its experiment was deleted meanwhile: nothing left to end.
             log.warning("comparison.parent_run_not_ended", comparison_id=comparison_id, error=str(exc))
+    _emit_finished(ctx, comparison_id, store.spec(comparison_id).labels)
     store.mark_finalized(comparison_id)
     log.warning("comparison.finished", comparison_id=comparison_id, status=store.status(comparison_id).value)
+
+
+def _emit_finished(ctx: WorkerContext, comparison_id: str, labels: list[str]) -> None:
+    """The verdict is in. Before it, candidate.finished for every candidate that had none (one
+    cancelled before it started, or failed by the reconciler, never ran to say so); before
+    mark_finalized, so that a summary step cut short emits again on its redelivery."""
+    for label in labels:
+        emit_event(ctx, comparison_id, "candidate.finished", label=label)
+    emit_event(ctx, comparison_id, "comparison.finished")

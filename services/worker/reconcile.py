@@ -16,7 +16,8 @@ least) is abandoned, and the sweep:
 
 - queues the start again for a queued comparison, or a started one some of whose candidates it
   never queued;
-- queues an unfinished candidate again (``MAX_WORKER_DEATHS`` still applies to it), and fails it
+- queues an unfinished candidate again (an endpoint candidate goes to the I/O workers until its
+  rows are stored, then to scoring; ``MAX_WORKER_DEATHS`` still applies to it), and fails it
   with a readable reason once it has done so ``TASK_MAX_RETRIES`` times; in a cancelled
   comparison it marks the candidate cancelled instead;
 - counts a final candidate that was never counted as ended;
@@ -46,7 +47,7 @@ from services.worker import pipeline
 from services.worker.locks import Lease
 from shared.schemas import FINAL_CANDIDATE_STATES, CandidateState, ComparisonStatus
 from shared.store import FINALIZE_STEP, START_STEP, ComparisonNotFound
-from shared.tasks import FINALIZE_COMPARISON, RUN_CANDIDATE, START_COMPARISON
+from shared.tasks import FINALIZE_COMPARISON, GENERATE_REMOTE, RUN_CANDIDATE, START_COMPARISON
 
 log = structlog.get_logger()
 
@@ -56,11 +57,16 @@ _PRIORITY_SEPARATOR = "\x06\x16"
 
 
 class BrokerQueue:
-    """Which comparison steps have a message waiting in the broker's queue."""
+    """Which comparison steps have a message waiting in the broker's queues (the model workers'
+    and the I/O workers', where endpoint candidates are generated)."""
 
-    def __init__(self, client: redis.Redis, queue_name: str):
+    def __init__(self, client: redis.Redis, queue_name: str, *more_queues: str):
         self.r: Any = client
-        self.keys = [queue_name, *(f"{queue_name}{_PRIORITY_SEPARATOR}{p}" for p in range(1, 10))]
+        self.keys = [
+            key
+            for name in (queue_name, *more_queues)
+            for key in (name, *(f"{name}{_PRIORITY_SEPARATOR}{p}" for p in range(1, 10)))
+        ]
 
     def waiting(self) -> dict[str, set[str]]:
         """comparison id -> steps with a message in the queue (not yet taken by a worker)."""
@@ -90,7 +96,8 @@ def _step_of(raw: str | bytes) -> tuple[str, str] | None:
         return None  # not one of ours, or not a Celery message
     if name == START_COMPARISON:
         return comparison_id, START_STEP
-    if name == RUN_CANDIDATE and "label" in kwargs:
+    if name in (RUN_CANDIDATE, GENERATE_REMOTE) and "label" in kwargs:
+        # An endpoint candidate's generation on the I/O workers is its step as well.
         return comparison_id, kwargs["label"]
     if name == FINALIZE_COMPARISON:
         return comparison_id, FINALIZE_STEP
@@ -238,7 +245,7 @@ def start_in_background(make_context: Callable[[], pipeline.WorkerContext]) -> t
 
     def loop() -> None:
         ctx = make_context()
-        queue = BrokerQueue(ctx.store.r, ctx.settings.queue_name)
+        queue = BrokerQueue(ctx.store.r, ctx.settings.queue_name, ctx.settings.io_queue_name)
         interval = ctx.settings.reconcile_interval_s
         while not stop.wait(interval):
             try:

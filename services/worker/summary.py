@@ -48,6 +48,10 @@ def build_summary(
                 "model": c.model,
                 "status": c.status.value,
                 "error": c.error,
+                # Endpoint candidates: rows whose request still failed after retries, and usage,
+                # cost and speed over the candidate.
+                "rows_failed": c.rows_failed,
+                "totals": dict(c.totals),
                 "mlflow_run_id": c.run_id,
                 "metrics": dict(c.metrics),
                 "aggregates": dict(c.aggregates),
@@ -101,6 +105,8 @@ def render_html(summary: dict[str, Any]) -> str:
         status = e(c["status"]) + (
             f"<div class='failed'>{e(c['error'] or '')}</div>" if c.get("error") else ""
         )
+        if c.get("rows_failed"):
+            status += f"<div class='failed'>{c['rows_failed']} rows failed</div>"
         parts.append(f"<tr><td>{e(c['label'])}</td><td>{e(c['model'])}</td><td>{status}</td>")
         for name in metric_names:
             value = c["metrics"].get(name)

@@ -111,8 +111,8 @@ class TestSubmit:
         assert results["rows"][0]["topic"] == "geo"
         unrated = {"up": 0, "down": 0, "comments": []}
         assert results["rows"][0]["outputs"] == {
-            "a": {"output": None, "scores": {}, "ratings": unrated},
-            "b": {"output": None, "scores": {}, "ratings": unrated},
+            "a": {"output": None, "scores": {}, "error": None, "ratings": unrated},
+            "b": {"output": None, "scores": {}, "error": None, "ratings": unrated},
         }
         table = list(csv.reader(io.StringIO(api_client.results_csv(created["id"]))))
         assert table[0] == [

@@ -19,6 +19,7 @@ from scripts.stack import Stack, free_port
 from services.worker import tracking
 from shared.client import ComparisonClient
 from tests.conftest import _cleanup_prefix
+from tests.fixtures.json_client import JsonClient
 
 pytestmark = pytest.mark.integration
 
@@ -66,8 +67,8 @@ def workers(redis_url, redis_client, run_id, tmp_path_factory, model_root, tiny_
 
 
 @pytest.fixture(scope="module")
-def api(workers: Stack) -> Iterator[ComparisonClient]:
-    client = ComparisonClient(workers.api_url)
+def api(workers: Stack) -> Iterator[JsonClient]:
+    client = JsonClient(ComparisonClient(workers.api_url))
     yield client
     client.close()
 

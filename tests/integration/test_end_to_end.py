@@ -21,6 +21,7 @@ from scripts.stack import Stack, free_port
 from shared.client import ComparisonClient
 from shared.metrics import METRICS
 from tests.conftest import _cleanup_prefix
+from tests.fixtures.json_client import JsonClient
 
 pytestmark = pytest.mark.integration
 
@@ -383,7 +384,7 @@ def test_a_cancelled_comparison_is_skipped_by_workers(
     )
     try:
         isolated.start_api()
-        api = ComparisonClient(isolated.api_url)
+        api = JsonClient(ComparisonClient(isolated.api_url))
         created = api.submit(tiny_spec(tiny_models, name="cancel-me"))
         assert redis_client.llen(queue) == 1
         assert api.cancel(created["id"])["status"] == "cancelled"
@@ -454,15 +455,16 @@ def test_real_smollm2_comparison(client, mlflow_client):
     by_label = {c["label"]: c for c in final["candidates"]}
     assert by_label["greedy"]["metrics"]["contains_reference"] >= 0.5
     for candidate in final["candidates"]:
-        # Every metric that had rows to score, with its interval (json_valid: no row asks for JSON).
-        assert set(candidate["metrics"]) == set(METRICS) - {"json_valid"}, candidate["metrics"]
+        # Every metric that had rows to score, with its interval (json_valid: no row asks for JSON;
+        # cost: a local model has no price).
+        assert set(candidate["metrics"]) == set(METRICS) - {"json_valid", "cost"}, candidate["metrics"]
         for name, agg in candidate["aggregates"].items():
             if agg["n"] > 1:
                 assert agg["ci_low"] <= agg["mean"] <= agg["ci_high"], (name, agg)
     assert by_label["greedy"]["metrics"]["semantic_similarity"] > 0.3
     assert by_label["greedy"]["metrics"]["judge_correctness"] >= 3  # says Paris, Tokyo, Rome...
     pairs = {p["metric"]: p for p in final["pairwise"]}
-    assert set(pairs) == set(METRICS) - {"json_valid"}
+    assert set(pairs) == set(METRICS) - {"json_valid", "cost"}
     assert all(p["verdict"] for p in pairs.values())
     assert final["judge_ranking"]["verdicts"] == 4
     run = mlflow_client.get_run(by_label["greedy"]["mlflow_run_id"])

@@ -22,7 +22,15 @@ class TestScales:
             "semantic_similarity": (-1.0, 1.0),
             **dict.fromkeys(["judge_correctness", "judge_helpfulness", "judge_rubric"], (1.0, 5.0)),
         }
-        non_negative = {"output_tokens", "output_words", "latency", "tokens_per_second"}
+        non_negative = {
+            "output_tokens",
+            "output_words",
+            "latency",
+            "tokens_per_second",
+            "time_to_first_token",
+            "input_tokens",
+            "cost",
+        }
         free = {"flesch_kincaid_grade", "ari_grade_level"}
         assert binary | set(bounded) | non_negative | free == set(METRICS)
         for name, info in METRICS.items():

@@ -99,7 +99,11 @@ class TestRecords:
             "2",
             "team-a",
         )
-        expected_spec = {**spec.model_dump(mode="json", exclude={"dataset"}), "experiment": "exp"}
+        # Callbacks are kept under their own key, not in the spec (shared/webhook_store.py).
+        expected_spec = {
+            **spec.model_dump(mode="json", exclude={"dataset", "callbacks"}),
+            "experiment": "exp",
+        }
         assert stored["spec"] == json.dumps({**expected_spec, "metrics": ["exact_match"]})
         assert store.r.hgetall(store._key("h1", "cand", "a")) == {
             "label": "a",

@@ -69,10 +69,11 @@ def test_every_metric_runs_offline(no_network, tmp_path):
         {"input": "Reply in JSON with the answer.", "reference": '{"answer": 4}'},
         {"input": "Name a colour.", "reference": "Blue"},
     ]
+    # As an endpoint row carries them: prompt tokens, time to first token and cost too.
     generated = [
-        Generated("The capital of France is Paris.", 8, 0.4),
-        Generated('{"answer": 4}', 6, 0.3),
-        Generated("I'm sorry, I can't help with that.", 10, 0.5),
+        Generated("The capital of France is Paris.", 8, 0.4, input_tokens=12, ttft_s=0.1, cost=0.0003),
+        Generated('{"answer": 4}', 6, 0.3, input_tokens=14, ttft_s=0.08, cost=0.0002),
+        Generated("I'm sorry, I can't help with that.", 10, 0.5, input_tokens=9, ttft_s=0.12, cost=0.0004),
     ]
     try:
         scored = evaluate_outputs(
@@ -95,6 +96,8 @@ def test_every_metric_runs_offline(no_network, tmp_path):
     assert [s["regex_match"] for s in rows_scores] == [1.0, 0.0, 0.0]
     assert rows_scores[0]["semantic_similarity"] > 0.5
     assert rows_scores[1]["bleu"] == pytest.approx(100.0)
+    assert [s["input_tokens"] for s in rows_scores] == [12.0, 14.0, 9.0]
+    assert [s["cost"] for s in rows_scores] == pytest.approx([0.0003, 0.0002, 0.0004])
     assert all(isinstance(s["flesch_kincaid_grade"], float) for s in rows_scores)
     # MLflow's own question-answering defaults that need downloads were skipped, not fatal.
     assert "toxicity" in scored["skipped_builtins"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from services.api.auth import AUTH_RESPONSES, require
-from services.api.deps import StoreDep
+from services.api.deps import SettingsDep, StoreDep
 from shared.apikeys import Role
 from shared.catalog import CATALOG
 from shared.metrics import metric_registry
@@ -17,8 +17,10 @@ router = APIRouter(
 
 
 @router.get("/models", response_model=list[ModelRead])
-def list_models() -> list[ModelRead]:
-    return [
+def list_models(settings: SettingsDep) -> list[ModelRead]:
+    """The catalog, then the remote endpoints the operator configured (ENDPOINTS_FILE): their
+    names, APIs, concurrency and prices, never their addresses or keys."""
+    catalog = [
         ModelRead(
             name=entry.name,
             description=entry.description,
@@ -28,6 +30,22 @@ def list_models() -> list[ModelRead]:
         )
         for entry in CATALOG.values()
     ]
+    endpoints = [
+        ModelRead(
+            name=endpoint.name,
+            description=f"Remote OpenAI-compatible endpoint ({endpoint.api} API); name a model it serves "
+            f"as endpoint:{endpoint.name}/<model-id>.",
+            source="endpoint",
+            available_offline=False,
+            model_format=f"endpoint:{endpoint.name}/<model-id>",
+            api=endpoint.api,
+            max_concurrency=endpoint.max_concurrency,
+            price_per_1k_input=endpoint.price_per_1k_input,
+            price_per_1k_output=endpoint.price_per_1k_output,
+        )
+        for endpoint in settings.endpoints.values()
+    ]
+    return catalog + endpoints
 
 
 @router.get("/metrics", response_model=list[MetricRead])

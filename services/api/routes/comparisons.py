@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from services.api import quotas, service
+from services.api import quotas, service, webhooks
 from services.api.auth import AUTH_RESPONSES, ReaderDep, SubmitterDep
 from services.api.deps import PublisherDep, SettingsDep, StoreDep
 from services.api.errors import FieldProblem, InvalidComparison, UnsupportedMediaType
@@ -23,6 +23,7 @@ from shared.schemas import (
     ComparisonRead,
     ComparisonResults,
     ComparisonStatus,
+    DeliveriesRead,
     ErrorRead,
 )
 from shared.settings import Settings
@@ -232,6 +233,15 @@ def cancel_comparison(
 )
 def read_audit(comparison_id: str, store: StoreDep, principal: ReaderDep) -> AuditRead:
     return service.audit_log(comparison_id=comparison_id, store=store, principal=principal)
+
+
+@router.get(
+    "/{comparison_id}/deliveries",
+    response_model=DeliveriesRead,
+    summary="Webhook deliveries: event, URL, webhook-id, state, every attempt and the next retry",
+)
+def read_deliveries(comparison_id: str, store: StoreDep, principal: ReaderDep) -> DeliveriesRead:
+    return webhooks.list_deliveries(comparison_id=comparison_id, store=store, principal=principal)
 
 
 @router.get(
