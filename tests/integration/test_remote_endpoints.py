@@ -1,6 +1,6 @@
 """End to end: two endpoint candidates served by a loopback OpenAI-compatible server (with 429s
-and latency injected), next to a local tiny model, through the real stack: the API, the model
-workers, an I/O worker, Redis and an `mlflow server`."""
+and latency injected), next to a local SmolLM2-135M-Instruct, through the real stack: the API,
+the model workers, an I/O worker, Redis and an `mlflow server`."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ METRICS = [
 ]
 
 
-def test_two_endpoint_candidates_and_a_local_one(client, stack, mlflow_client, openai_server, tiny_models):
+def test_two_endpoint_candidates_and_a_local_one(client, stack, mlflow_client, openai_server):
     openai_server.reset()
     openai_server.latency_s = 0.15
     openai_server.failures = [(429, {"Retry-After": "1"}), (429, {"Retry-After": "1"})]
@@ -45,13 +45,13 @@ def test_two_endpoint_candidates_and_a_local_one(client, stack, mlflow_client, o
                 "model": "endpoint:loop-text/tiny-text",
                 "generation": {"max_new_tokens": 6, "do_sample": True, "temperature": 0.5, "seed": 3},
             },
-            {"label": "local", "model": str(tiny_models["causal"]), "generation": {"max_new_tokens": 4}},
+            {"label": "local", "model": "smollm2-135m-instruct", "generation": {"max_new_tokens": 8}},
         ],
         "dataset": {"rows": ROWS},
         "metrics": METRICS,
     }
     created = client.submit(spec)
-    final = client.wait(created["id"], timeout=300, poll_s=0.5)
+    final = client.wait(created["id"], timeout=900, poll_s=0.5)
     assert final["status"] == "succeeded", final
     by_label = {c["label"]: c for c in final["candidates"]}
 
