@@ -239,22 +239,28 @@ def comparison_results(
 
 def results_csv(results: ComparisonResults) -> str:
     """One CSV row per dataset row: input, reference, extra columns, then per candidate its output,
-    its scores and people's ratings (thumbs up, thumbs down, comments as "rater: text" lines)."""
+    its scores, ``<label>/error`` when one of its rows has no output because its request failed
+    (the same rule as the client's DataFrame) and people's ratings (thumbs up, thumbs down,
+    comments as "rater: text" lines)."""
     extra_columns: list[str] = []
     for row in results.rows:
         for key in row.model_extra or {}:
             if key not in extra_columns:
                 extra_columns.append(key)
     score_names: dict[str, list[str]] = {label: [] for label in results.candidates}
+    with_errors: set[str] = set()
     for row in results.rows:
         for label, out in row.outputs.items():
             for metric in out.scores:
                 if metric not in score_names[label]:
                     score_names[label].append(metric)
+            if out.error is not None:
+                with_errors.add(label)
     header = ["index", "input", "reference", *extra_columns]
     for label in results.candidates:
         header.append(label)
         header += [f"{label}/{metric}" for metric in score_names[label]]
+        header += [f"{label}/error"] if label in with_errors else []
         header += [f"{label}/thumbs_up", f"{label}/thumbs_down", f"{label}/comments"]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -271,6 +277,7 @@ def results_csv(results: ComparisonResults) -> str:
             out = row.outputs[label]
             line.append(out.output if out.output is not None else "")
             line += [_blank_none(out.scores.get(metric)) for metric in score_names[label]]
+            line += [out.error or ""] if label in with_errors else []
             line += [
                 out.ratings.up,
                 out.ratings.down,

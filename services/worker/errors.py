@@ -8,11 +8,14 @@ the candidate at once with a message a person can act on.
 
 from __future__ import annotations
 
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery import Task
+from celery.exceptions import Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from kombu.exceptions import OperationalError as BrokerUnavailable
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError as RedisReadOnly
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.settings import get_settings
 
 
 class TrackingUnavailable(Exception):
@@ -48,3 +51,20 @@ def describe(exc: BaseException, *, time_limit_s: int | None = None) -> str:
     if isinstance(exc, TRANSIENT_ERRORS):
         return f"Redis or the broker stayed unreachable after retries: {type(exc).__name__}: {exc}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def retry_while_busy(task: Task, exc: Exception, retry_in_s: float) -> Retry | None:
+    """The retry to raise when another delivery holds the candidate's lease, or None once
+    waiting is pointless. The holder may be a process that just died (its lease lapses within
+    CANDIDATE_LEASE_S), so check back then, for as long as a candidate may run; past that the
+    holder is alive and still running it, and if it dies the reconciler takes over."""
+    settings = get_settings()
+    patience = settings.task_time_limit_s // settings.candidate_lease_s + 2
+    if task.request.retries >= patience:
+        return None
+    retry = task.retry(exc=exc, countdown=retry_in_s, max_retries=patience, throw=False)
+    # retry() leaves its max_retries on the task object, where autoretry would apply it to this
+    # process's later transient failures too.
+    if hasattr(task, "override_max_retries"):
+        del task.override_max_retries
+    return retry

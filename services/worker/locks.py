@@ -19,10 +19,15 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import redis
 import structlog
+
+if TYPE_CHECKING:
+    from shared.schemas import CandidateState
+    from shared.store import ComparisonStore
 
 log = structlog.get_logger()
 
@@ -109,3 +114,46 @@ class Lease:
             thread.join(timeout=5)
             with contextlib.suppress(redis.RedisError):
                 self.release()
+
+
+@dataclass
+class CandidateWriter:
+    """A candidate's writes while holding its lease: each is refused (LeaseLost) once another
+    delivery has taken the lease over, in the same Redis round trip as the write."""
+
+    store: ComparisonStore
+    comparison_id: str
+    label: str
+    lease: Lease
+
+    def fields(self, **fields: Any) -> None:
+        self.store.fenced_set_candidate_fields(
+            self.comparison_id, self.label, lease_key=self.lease.key, token=self.lease.token, **fields
+        )
+
+    def progress(self, **progress: Any) -> None:
+        self.store.fenced_set_progress(
+            self.comparison_id, self.label, lease_key=self.lease.key, token=self.lease.token, **progress
+        )
+
+    def outputs(self, outputs: list[dict[str, Any]]) -> None:
+        self.store.fenced_save_outputs(
+            self.comparison_id, self.label, outputs, lease_key=self.lease.key, token=self.lease.token
+        )
+
+    def generation(self, record: dict[str, Any]) -> None:
+        """An endpoint candidate's generated rows (or why there are none), for its scoring step."""
+        self.store.fenced_save_remote_generation(
+            self.comparison_id, self.label, record, lease_key=self.lease.key, token=self.lease.token
+        )
+
+    def transition(self, new: CandidateState, *, allowed_from: list[CandidateState], **fields: Any) -> bool:
+        return self.store.fenced_transition_candidate(
+            self.comparison_id,
+            self.label,
+            new,
+            allowed_from=allowed_from,
+            lease_key=self.lease.key,
+            token=self.lease.token,
+            **fields,
+        )

@@ -50,7 +50,7 @@ from services.worker.judge import (
     judge_from_settings,
     judge_pairs,
 )
-from services.worker.locks import Lease
+from services.worker.locks import CandidateWriter, Lease
 from services.worker.models import ModelCache, ModelLoadError
 from services.worker.remote_scoring import (
     RemoteGenerationFailed,
@@ -212,43 +212,6 @@ class HandOff(Exception):
 # Set in a worker whose pool runs tasks in its main process (solo, for GPUs) when it is asked to
 # shut down; prefork workers stop their children through Celery's soft shutdown instead.
 HAND_OFF = threading.Event()
-
-
-@dataclass
-class CandidateWriter:
-    """A candidate's writes while holding its lease: each is refused (LeaseLost) once another
-    delivery has taken the lease over, in the same Redis round trip as the write."""
-
-    store: ComparisonStore
-    comparison_id: str
-    label: str
-    lease: Lease
-
-    def fields(self, **fields: Any) -> None:
-        self.store.fenced_set_candidate_fields(
-            self.comparison_id, self.label, lease_key=self.lease.key, token=self.lease.token, **fields
-        )
-
-    def progress(self, **progress: Any) -> None:
-        self.store.fenced_set_progress(
-            self.comparison_id, self.label, lease_key=self.lease.key, token=self.lease.token, **progress
-        )
-
-    def outputs(self, outputs: list[dict[str, Any]]) -> None:
-        self.store.fenced_save_outputs(
-            self.comparison_id, self.label, outputs, lease_key=self.lease.key, token=self.lease.token
-        )
-
-    def transition(self, new: CandidateState, *, allowed_from: list[CandidateState], **fields: Any) -> bool:
-        return self.store.fenced_transition_candidate(
-            self.comparison_id,
-            self.label,
-            new,
-            allowed_from=allowed_from,
-            lease_key=self.lease.key,
-            token=self.lease.token,
-            **fields,
-        )
 
 
 def run_candidate(ctx: WorkerContext, comparison_id: str, label: str) -> str:

@@ -44,7 +44,7 @@ import redis
 import structlog
 
 from services.worker import pipeline
-from services.worker.locks import Lease
+from services.worker.locks import CandidateWriter, Lease
 from shared.schemas import FINAL_CANDIDATE_STATES, CandidateState, ComparisonStatus
 from shared.store import FINALIZE_STEP, START_STEP, ComparisonNotFound
 from shared.tasks import FINALIZE_COMPARISON, GENERATE_REMOTE, RUN_CANDIDATE, START_COMPARISON
@@ -229,7 +229,7 @@ def _cancel_candidate(ctx: pipeline.WorkerContext, comparison_id: str, label: st
     if not lease.acquire():
         return
     try:
-        writer = pipeline.CandidateWriter(store, comparison_id, label, lease)
+        writer = CandidateWriter(store, comparison_id, label, lease)
         if writer.transition(
             CandidateState.cancelled, allowed_from=[CandidateState.queued, CandidateState.running]
         ):

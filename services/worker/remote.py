@@ -43,7 +43,7 @@ import httpx
 import structlog
 
 from services.worker.judge import backoff_seconds, retry_after_seconds
-from services.worker.locks import Lease
+from services.worker.locks import CandidateWriter, Lease
 from shared.endpoints import EndpointConfig, parse_endpoint_model
 from shared.prompts import render_user_text
 from shared.schemas import FINAL_CANDIDATE_STATES, CandidateSpec, CandidateState, ComparisonStatus
@@ -610,40 +610,15 @@ def give_up(ctx: RemoteContext, comparison_id: str, label: str, message: str) ->
         return
     try:
         if store.remote_generation(comparison_id, label) is None:
-            _Writer(store, comparison_id, label, lease).generation({"error": message[:2000]})
+            CandidateWriter(store, comparison_id, label, lease).generation({"error": message[:2000]})
     finally:
         lease.release()
     hand_to_scoring(ctx, comparison_id, label)
 
 
-@dataclass
-class _Writer:
-    """The candidate's writes while holding its lease (refused with LeaseLost once it is lost)."""
-
-    store: ComparisonStore
-    comparison_id: str
-    label: str
-    lease: Lease
-
-    def fields(self, **fields: Any) -> None:
-        self.store.fenced_set_candidate_fields(
-            self.comparison_id, self.label, lease_key=self.lease.key, token=self.lease.token, **fields
-        )
-
-    def progress(self, **progress: Any) -> None:
-        self.store.fenced_set_progress(
-            self.comparison_id, self.label, lease_key=self.lease.key, token=self.lease.token, **progress
-        )
-
-    def generation(self, record: dict[str, Any]) -> None:
-        self.store.fenced_save_remote_generation(
-            self.comparison_id, self.label, record, lease_key=self.lease.key, token=self.lease.token
-        )
-
-
 def _generate_locked(ctx: RemoteContext, comparison_id: str, label: str, lease: Lease) -> str:
     store, settings = ctx.store, ctx.settings
-    writer = _Writer(store, comparison_id, label, lease)
+    writer = CandidateWriter(store, comparison_id, label, lease)
     if store.candidate(comparison_id, label).is_final:
         return "ended"
     if store.status(comparison_id) is ComparisonStatus.cancelled:
@@ -725,7 +700,7 @@ class _Run:
     model_id: str
     rows: list[dict[str, Any]]
     caller: EndpointCaller
-    writer: _Writer
+    writer: CandidateWriter
     use_cache: bool
 
     def generate(self) -> str:

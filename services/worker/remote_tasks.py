@@ -18,7 +18,7 @@ from celery import Task
 from celery.exceptions import Reject
 
 from services.worker import remote
-from services.worker.errors import TRANSIENT_ERRORS, describe
+from services.worker.errors import TRANSIENT_ERRORS, describe, retry_while_busy
 from services.worker.io_app import app
 from shared.settings import get_settings
 from shared.store import ComparisonNotFound, ComparisonStore, LeaseLost
@@ -55,18 +55,10 @@ class GenerateRemote(Task):
         try:
             return remote.generate_remote(context(), comparison_id, label)
         except remote.RemoteBusy as exc:
-            # Another delivery holds the lease: it may be a process that just died (its lease
-            # lapses within CANDIDATE_LEASE_S). Check back then, as long as a candidate may run.
-            settings = get_settings()
-            patience = settings.task_time_limit_s // settings.candidate_lease_s + 2
-            if self.request.retries >= patience:
+            retry = retry_while_busy(self, exc, exc.retry_in_s)
+            if retry is None:
                 log.info("remote.busy_dropped", comparison_id=comparison_id, label=label)
                 return "busy"
-            retry = self.retry(exc=exc, countdown=exc.retry_in_s, max_retries=patience, throw=False)
-            # retry() leaves its max_retries on the task object, where autoretry would apply it
-            # to this process's later transient failures too.
-            if hasattr(self, "override_max_retries"):
-                del self.override_max_retries
             raise retry from exc
         except remote.HandOff as exc:
             log.info("remote.handed_back", comparison_id=comparison_id, label=label)

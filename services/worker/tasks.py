@@ -18,7 +18,7 @@ from celery.exceptions import Reject, TimeLimitExceeded
 from services.worker import feedback, pipeline
 from services.worker.celery_app import app
 from services.worker.custom_metrics import load_custom_metrics
-from services.worker.errors import TRANSIENT_ERRORS, describe
+from services.worker.errors import TRANSIENT_ERRORS, describe, retry_while_busy
 from services.worker.models import shared_model_cache
 from shared.settings import get_settings
 from shared.store import FINALIZE_STEP, START_STEP, ComparisonNotFound, ComparisonStore, LeaseLost
@@ -135,19 +135,10 @@ class RunCandidate(ComparisonTask):
         try:
             return pipeline.run_candidate(context(), comparison_id, label)
         except pipeline.CandidateBusy as exc:
-            # Another delivery holds the lease. It may be a process that just died (its lease
-            # lapses within CANDIDATE_LEASE_S): check back then, as long as a candidate may run.
-            settings = get_settings()
-            patience = settings.task_time_limit_s // settings.candidate_lease_s + 2
-            if self.request.retries >= patience:
-                # The holder is alive and still running it; if it dies, the reconciler takes over.
+            retry = retry_while_busy(self, exc, exc.retry_in_s)
+            if retry is None:
                 log.info("candidate.busy_dropped", comparison_id=comparison_id, label=label)
                 return "busy"
-            retry = self.retry(exc=exc, countdown=exc.retry_in_s, max_retries=patience, throw=False)
-            # retry() leaves its max_retries on the task object, where autoretry would apply it
-            # to this process's later transient failures too.
-            if hasattr(self, "override_max_retries"):
-                del self.override_max_retries
             raise retry from exc
         except pipeline.HandOff as exc:
             # This worker is shutting down: the same message goes back to the queue for another.

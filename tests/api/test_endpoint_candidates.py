@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from lxml import html
 
 from services.api.main import create_app
 from shared.metrics import MetricInfo
@@ -102,6 +103,17 @@ class TestModels:
         assert "127.0.0.9" not in text and "127.0.0.10" not in text and "VLLM_PROD_KEY" not in text
         # The catalog is still there.
         assert "smollm2-135m-instruct" in {m["name"] for m in response.json()}
+
+    def test_the_form_offers_each_endpoint_as_a_stem_to_complete(self, client):
+        response = client.get("/ui/new")
+        assert response.status_code == 200
+        picker = html.fromstring(response.text).xpath("//datalist[@id='model-names']/option")
+        offered = {o.get("value"): o.text for o in picker}
+        assert offered["endpoint:vllm-prod/"] == "vllm-prod: remote chat endpoint; type the model id after /"
+        assert offered["endpoint:ollama/"] == "ollama: remote completions endpoint; type the model id after /"
+        assert "smollm2-135m-instruct" in offered
+        assert "127.0.0.9" not in response.text and "VLLM_PROD_KEY" not in response.text
+        assert "pick endpoint:&lt;name&gt;/ and type the model id" in response.text
 
 
 class TestSubmit:

@@ -469,3 +469,26 @@ class TestCsvExport:
         assert row["a/delta"] == "-0.25"
         assert row["plain"] == "a = b"
         assert row["index"] == "0"
+
+    def test_a_failed_row_has_its_reason_in_an_error_column_like_the_dataframe(self):
+        from shared.client import results_dataframe
+
+        def row(index: int, error: str | None) -> dict[str, Any]:
+            output = {"output": None if error else "Paris", "scores": {"latency": 0.3}, "error": error}
+            return {"index": index, "input": "q", "outputs": {"served": output, "local": {"output": "x"}}}
+
+        results = ComparisonResults.model_validate(
+            {
+                "id": "c",
+                "status": "succeeded",
+                "candidates": ["served", "local"],
+                "rows": [row(0, None), row(1, "HTTP 500 after 3 attempts: upstream overloaded")],
+            }
+        )
+        table = list(csv.DictReader(io.StringIO(results_csv(results))))
+        assert [r["served/error"] for r in table] == ["", "HTTP 500 after 3 attempts: upstream overloaded"]
+        assert [r["served"] for r in table] == ["Paris", ""]
+        # Only a candidate with a failed row gets the column, as in the client's DataFrame.
+        assert "local/error" not in table[0]
+        frame_columns = [c for c in results_dataframe(results).columns if c not in ("input", "reference")]
+        assert list(table[0])[3:] == frame_columns

@@ -149,7 +149,10 @@ class TestNewComparisonForm:
         checked = {i.get("value") for i in doc.xpath('//input[@name="metrics"][@checked]')}
         # The demo names no metrics: the form checks the defaults the API would run.
         assert "exact_match" in checked and "latency" in checked and "regex_match" not in checked
-        assert doc.xpath('//datalist[@id="model-names"]/option/@value')[0] == "smollm2-135m-instruct"
+        offered = doc.xpath('//datalist[@id="model-names"]/option/@value')
+        assert offered[0] == "smollm2-135m-instruct"
+        # No ENDPOINTS_FILE here: nothing to offer as endpoint:<name>/, and the hint says nothing of it.
+        assert not [v for v in offered if v.startswith("endpoint:")] and "endpoint:" not in doc.text_content()
 
     def test_valid_form_queues_and_redirects(self, client, store, redis_client, settings):
         spec = spec_dict()

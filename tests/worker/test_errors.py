@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery import Celery, Task
+from celery.exceptions import Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from kombu.exceptions import OperationalError
 from mlflow.exceptions import MlflowException
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -16,8 +17,9 @@ from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from scripts.stack import free_port
-from services.worker import tracking
+from services.worker import errors, tracking
 from services.worker.errors import TrackingUnavailable, describe, is_transient
+from shared.settings import Settings
 
 
 class TestTransient:
@@ -133,3 +135,36 @@ class TestDescribe:
 
     def test_anything_else_names_its_type(self):
         assert describe(ValueError("bad template")) == "ValueError: bad template"
+
+
+class TestRetryWhileBusy:
+    """A candidate whose lease another delivery holds is checked again once that lease could
+    have lapsed, for as long as a candidate may run (TASK_TIME_LIMIT_S), then dropped."""
+
+    @pytest.fixture
+    def busy_task(self, monkeypatch) -> Iterator[Task]:
+        settings = Settings(task_time_limit_s=100, candidate_lease_s=20)  # patience 100 // 20 + 2 = 7
+        monkeypatch.setattr(errors, "get_settings", lambda: settings)
+        app = Celery("busy-check", broker="memory://", set_as_current=False)
+
+        @app.task(bind=True, name="check.busy", max_retries=3)
+        def busy(self: Task) -> None:
+            return None
+
+        yield busy
+
+    def run_with_retries(self, task: Task, retries: int) -> Retry | None:
+        task.push_request(retries=retries, id=f"busy-{retries}", args=(), kwargs={}, called_directly=False)
+        try:
+            return errors.retry_while_busy(task, RuntimeError("lease held"), 4.5)
+        finally:
+            task.pop_request()
+
+    def test_checks_back_after_the_lease_time_past_the_tasks_own_retry_limit(self, busy_task):
+        retry = self.run_with_retries(busy_task, 6)  # past the task's max_retries of 3
+        assert isinstance(retry, Retry) and retry.when == 4.5 and str(retry.exc) == "lease held"
+        # The longer patience is not left on the task for its later transient failures.
+        assert not hasattr(busy_task, "override_max_retries") and busy_task.max_retries == 3
+
+    def test_gives_up_once_a_candidate_could_no_longer_be_running(self, busy_task):
+        assert self.run_with_retries(busy_task, 7) is None

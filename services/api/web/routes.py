@@ -16,7 +16,7 @@ from starlette.datastructures import UploadFile
 
 from services.api import quotas, service
 from services.api.auth import COOKIE, Principal, identify
-from services.api.deps import PublisherDep, SettingsDep, StoreDep
+from services.api.deps import PublisherDep, SettingsDep, StoreDep, get_settings
 from services.api.errors import ApiError, FieldProblem, InvalidComparison, problems_from_errors
 from services.api.web import views
 from services.api.web.charts import fmt
@@ -214,6 +214,7 @@ def _form_page(
     request: Request, store: Any, state: FormState, user: Principal, status_code: int = 200
 ) -> HTMLResponse:
     reg = views.registry(store)
+    endpoints = get_settings(request).endpoints
     return _page(
         request,
         "new.html",
@@ -221,7 +222,8 @@ def _form_page(
             "title": "New comparison",
             "state": state,
             "metric_groups": views.metric_groups(reg),
-            "models": views.models_for_picker(),
+            "models": views.models_for_picker(endpoints),
+            "has_endpoints": bool(endpoints),
         },
         status_code=status_code,
         principal=user,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from services.api.web.charts import MetricChart, metric_chart
 from services.api.web.forms import FormState, state_from_spec
 from shared.apikeys import Role
 from shared.catalog import CATALOG
+from shared.endpoints import EndpointConfig
 from shared.metrics import DEFAULT_METRICS, MetricInfo, metric_registry
 from shared.results import has_reference
 from shared.schemas import CandidateState, ComparisonCreate, ComparisonRead, ComparisonStatus
@@ -63,8 +65,18 @@ def metric_groups(reg: dict[str, MetricInfo]) -> list[tuple[str, list[MetricInfo
     return list(groups.items())
 
 
-def models_for_picker() -> list[dict[str, str]]:
-    return [{"name": e.name, "description": e.description} for e in CATALOG.values()]
+def models_for_picker(endpoints: Mapping[str, EndpointConfig]) -> list[dict[str, str]]:
+    """The catalog, then one ``endpoint:<name>/`` stem per configured endpoint: the browser
+    completes the stem and the user types the model id the endpoint serves."""
+    catalog = [{"name": e.name, "description": e.description} for e in CATALOG.values()]
+    remote = [
+        {
+            "name": f"endpoint:{e.name}/",
+            "description": f"{e.name}: remote {e.api} endpoint; type the model id after /",
+        }
+        for e in endpoints.values()
+    ]
+    return catalog + remote
 
 
 def charts(comparison: ComparisonRead, reg: dict[str, MetricInfo]) -> list[MetricChart]:
