@@ -33,8 +33,6 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
@@ -43,6 +41,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from shared.backoff import backoff_seconds, parse_retry_after
 from shared.schemas import (
     AuditRead,
     ComparisonCreate,
@@ -122,22 +121,6 @@ class ApiError(RuntimeError):
         super().__init__(f"HTTP {response.status_code}: {self.message}")
 
 
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delay-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
-
-
 @dataclass(frozen=True)
 class RetryPolicy:
     """When a request is sent again, and after how long.
@@ -162,8 +145,7 @@ class RetryPolicy:
     def backoff(self, attempt: int) -> float:
         """The pause after failed try number ``attempt`` (1-based): half the exponential step,
         plus a random part up to the other half, so that clients refused together spread out."""
-        step = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-        return step / 2 + random.uniform(0, step / 2)
+        return backoff_seconds(attempt - 1, base_s=self.backoff_s, max_s=self.max_backoff_s)
 
     def delay_after_response(
         self, attempt: int, response: httpx.Response, *, idempotent: bool

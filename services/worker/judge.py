@@ -15,15 +15,12 @@ metrics are left unscored with the reason, never failing the candidate or the co
 from __future__ import annotations
 
 import json
-import random
 import re
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import httpx
@@ -31,6 +28,7 @@ import structlog
 
 # The fit lives in shared/ so the gateway ranks people's votes with the same code; re-exported
 # here for the pairwise judging that uses it.
+from shared.backoff import backoff_seconds, parse_retry_after
 from shared.ranking import bradley_terry as bradley_terry
 from shared.settings import Settings
 
@@ -80,31 +78,6 @@ class _Retryable(Exception):
         self.retry_after_s = retry_after_s
 
 
-def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
-    """A Retry-After header in seconds (it is either a number of seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
-
-
-def backoff_seconds(attempt: int, *, base_s: float, max_s: float) -> float:
-    """Exponential back-off with jitter: half of base * 2^attempt (capped) plus a random part
-    of the other half, so that many rows retrying at once do not come back together."""
-    ceiling = min(max_s, base_s * 2**attempt)
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
-
-
 class Judge(Protocol):
     @property
     def name(self) -> str: ...
@@ -148,7 +121,7 @@ class EndpointJudge:
                     if time.monotonic() > deadline:
                         raise _Retryable(f"no complete reply within {self.timeout_s:g} s")
                 status = response.status_code
-                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except httpx.TimeoutException as exc:
             raise _Retryable(f"no reply within {self.timeout_s:g} s ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:

@@ -42,8 +42,8 @@ from typing import Any, NoReturn
 import httpx
 import structlog
 
-from services.worker.judge import backoff_seconds, retry_after_seconds
 from services.worker.locks import CandidateWriter, Lease
+from shared.backoff import backoff_seconds, parse_retry_after
 from shared.endpoints import EndpointConfig, parse_endpoint_model
 from shared.prompts import render_user_text
 from shared.schemas import FINAL_CANDIDATE_STATES, CandidateSpec, CandidateState, ComparisonStatus
@@ -215,9 +215,9 @@ def _refuse(
 ) -> NoReturn:
     text = _error_text(raw)
     if status == 429:
-        raise Retryable(f"HTTP 429: {text}", retry_after_s=retry_after_seconds(retry_after), congested=True)
+        raise Retryable(f"HTTP 429: {text}", retry_after_s=parse_retry_after(retry_after), congested=True)
     if status >= 500 or status == 408:
-        raise Retryable(f"HTTP {status}: {text}", retry_after_s=retry_after_seconds(retry_after))
+        raise Retryable(f"HTTP {status}: {text}", retry_after_s=parse_retry_after(retry_after))
     if status in (401, 403):
         who = f"the key in {endpoint.api_key_env}" if endpoint.api_key_env else "requests without a key"
         raise EndpointRefused(f"endpoint {endpoint.name!r} refused {who}: HTTP {status}: {text}")

@@ -32,7 +32,6 @@ from shared.client import (
     AsyncComparisonClient,
     ComparisonClient,
     RetryPolicy,
-    parse_retry_after,
     verify_webhook,
 )
 from shared.schemas import (
@@ -818,15 +817,6 @@ class TestRetryPolicy:
             delays = [policy.backoff(attempt) for _ in range(200)]
             assert all(step / 2 <= d <= step for d in delays)
             assert len(set(delays)) > 100  # jittered, not one fixed pause
-
-    def test_retry_after_forms(self):
-        assert parse_retry_after("7") == 7.0
-        assert parse_retry_after(None) is None and parse_retry_after("soon") is None
-        from datetime import UTC, datetime
-
-        now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
-        assert parse_retry_after("Wed, 01 Jan 2025 12:00:30 GMT", now=now) == 30.0
-        assert parse_retry_after("Wed, 01 Jan 2025 11:00:00 GMT", now=now) == 0.0
 
 
 # ---------------------------------------------------------------- the example

@@ -3,10 +3,8 @@ OpenAI-compatible server and a local model)."""
 
 from __future__ import annotations
 
-import random
 import time
 import uuid
-from datetime import UTC, datetime
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -18,12 +16,10 @@ from services.worker.judge import (
     JudgeError,
     JudgeUnavailable,
     LocalJudge,
-    backoff_seconds,
     bradley_terry,
     judge_pairs,
     parse_score,
     parse_winner,
-    retry_after_seconds,
     score_rows,
 )
 from services.worker.models import ModelCache
@@ -212,24 +208,6 @@ class TestUnavailableJudge:
                 judge.complete_many([HI])
             assert time.monotonic() - started < 2
             assert len(server.requests) == 1
-
-
-def test_retry_after_is_read_as_seconds_or_as_a_date():
-    assert retry_after_seconds("2") == 2.0
-    assert retry_after_seconds("-5") == 0.0
-    now = datetime(2026, 1, 1, tzinfo=UTC)
-    assert retry_after_seconds("Thu, 01 Jan 2026 00:00:30 GMT", now=now) == 30.0
-    assert retry_after_seconds("soon") is None
-    assert retry_after_seconds(None) is None
-
-
-def test_back_off_doubles_with_jitter_up_to_the_cap():
-    random.seed(0)
-    for attempt in range(6):
-        ceiling = min(8.0, 2.0**attempt)
-        waits = [backoff_seconds(attempt, base_s=1.0, max_s=8.0) for _ in range(200)]
-        assert all(ceiling / 2 <= w <= ceiling for w in waits)
-        assert len(set(waits)) == 200  # jittered: rows retrying together spread out
 
 
 ROWS = [
