@@ -25,7 +25,6 @@ without rows.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -42,6 +41,7 @@ from typing import Any, NoReturn
 import httpx
 import structlog
 
+from services.worker.cache_keys import row_keys
 from services.worker.locks import CandidateWriter, Lease
 from shared.backoff import backoff_seconds, parse_retry_after
 from shared.endpoints import EndpointConfig, parse_endpoint_model
@@ -519,14 +519,7 @@ def cache_keys(
         "template": candidate.prompt_template,
         "system_prompt": candidate.system_prompt,
     }
-    seen: Counter[str] = Counter()
-    keys = []
-    for prompt in prompts:
-        sample = seen[prompt] if candidate.generation.do_sample else 0
-        seen[prompt] += 1
-        payload = json.dumps({**base, "prompt": prompt, "sample": sample}, sort_keys=True)
-        keys.append(hashlib.sha256(payload.encode()).hexdigest())
-    return keys
+    return row_keys(base, prompts, do_sample=candidate.generation.do_sample)
 
 
 def _from_cache(raw: str, endpoint: EndpointConfig, prompt: str) -> RowResult:

@@ -10,11 +10,10 @@ A cached row keeps the latency measured when it was generated.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections import Counter
 from dataclasses import asdict
 
+from services.worker.cache_keys import row_keys
 from services.worker.generation import Generated
 from services.worker.models import LoadedModel
 from shared.schemas import CandidateSpec
@@ -39,14 +38,7 @@ def cache_keys(*, candidate: CandidateSpec, loaded: LoadedModel, prompts: list[s
         "system_prompt": candidate.system_prompt,
         "chat": chat,
     }
-    seen: Counter[str] = Counter()
-    keys = []
-    for prompt in prompts:
-        sample_index = seen[prompt] if candidate.generation.do_sample else 0
-        seen[prompt] += 1
-        payload = json.dumps({**base, "prompt": prompt, "sample": sample_index}, sort_keys=True)
-        keys.append(hashlib.sha256(payload.encode()).hexdigest())
-    return keys
+    return row_keys(base, prompts, do_sample=candidate.generation.do_sample)
 
 
 class ResponseCache:
