@@ -8,25 +8,21 @@ the reason, which fails it visibly.
 
 from __future__ import annotations
 
-import numbers
 from functools import lru_cache
 from typing import Any
 
 import structlog
-from billiard.einfo import ExceptionInfo
-from celery import Task
 from celery.exceptions import Reject
 
 from services.worker import remote
-from services.worker.errors import TRANSIENT_ERRORS, describe, retry_while_busy
+from services.worker.errors import describe, retry_while_busy
 from services.worker.io_app import app
+from services.worker.step_task import StepTask
 from shared.settings import get_settings
-from shared.store import ComparisonNotFound, ComparisonStore, LeaseLost
+from shared.store import ComparisonStore
 from shared.tasks import GENERATE_REMOTE, queue_for
 
 log = structlog.get_logger()
-
-RETRY_BACKOFF_MAX_S = 60
 
 
 @lru_cache(maxsize=1)
@@ -43,13 +39,15 @@ def context() -> remote.RemoteContext:
     return remote.RemoteContext(settings=settings, store=store, dispatch=dispatch)
 
 
-class GenerateRemote(Task):
+class GenerateRemote(StepTask):
     name = GENERATE_REMOTE
-    autoretry_for = TRANSIENT_ERRORS
-    retry_backoff = 2
-    retry_backoff_max = RETRY_BACKOFF_MAX_S
-    retry_jitter = True
-    max_retries = get_settings().transient_max_retries
+    give_up_fallback = "the reconciler queues the candidate again once Redis answers"
+
+    def step_context(self) -> remote.RemoteContext:
+        return context()
+
+    def step(self, kwargs: dict[str, Any]) -> str | None:
+        return kwargs["label"]
 
     def run(self, comparison_id: str, label: str) -> str:
         try:
@@ -64,42 +62,9 @@ class GenerateRemote(Task):
             log.info("remote.handed_back", comparison_id=comparison_id, label=label)
             raise Reject("I/O worker shutting down", requeue=True) from exc
 
-    def on_retry(
-        self, exc: Exception, task_id: str, args: Any, kwargs: dict[str, Any], einfo: ExceptionInfo
-    ) -> None:
-        # The retry waits out a countdown holding no lease: the reconciler must not take the
-        # candidate for lost meanwhile.
-        when = getattr(einfo.exception, "when", None)
-        countdown = float(when) if isinstance(when, numbers.Real) else RETRY_BACKOFF_MAX_S
-        settings = get_settings()
-        try:
-            context().store.expect_task(
-                kwargs["comparison_id"],
-                kwargs["label"],
-                task_id,
-                within_s=countdown + settings.reconcile_grace_s + 2 * settings.reconcile_interval_s,
-            )
-        except Exception as error:  # noqa: BLE001 - a missing hint costs at worst a duplicate
-            log.warning("task.expect_failed", task=self.name, error=str(error))
-
-    def on_failure(
-        self, exc: Exception, task_id: str, args: Any, kwargs: dict[str, Any], einfo: ExceptionInfo
-    ) -> None:
-        comparison_id, label = kwargs.get("comparison_id"), kwargs.get("label")
-        if isinstance(exc, LeaseLost | ComparisonNotFound):
-            log.info("task.dropped", task=self.name, comparison_id=comparison_id, reason=type(exc).__name__)
-            return
-        log.warning("task.gave_up", task=self.name, comparison_id=comparison_id, error=describe(exc))
-        try:
-            remote.give_up(context(), str(comparison_id), str(label), f"generation failed: {describe(exc)}")
-        except Exception as error:  # noqa: BLE001
-            log.error(
-                "task.give_up_failed",
-                task=self.name,
-                comparison_id=comparison_id,
-                error=f"{type(error).__name__}: {error}",
-                note="the reconciler queues the candidate again once Redis answers",
-            )
+    def give_up(self, ctx: remote.RemoteContext, exc: BaseException, kwargs: dict[str, Any]) -> None:
+        comparison_id, label = str(kwargs.get("comparison_id")), str(kwargs.get("label"))
+        remote.give_up(ctx, comparison_id, label, f"generation failed: {describe(exc)}")
 
 
 generate_remote = app.register_task(GenerateRemote())

@@ -1,32 +1,28 @@
 """Celery tasks: thin adapters that call ``services.worker.pipeline``.
 
 Messages carry only ids; each task re-reads what it needs from Redis. The retry policy and what
-happens when a task gives up live once, in ``ComparisonTask``.
+happens when a task gives up live once, in ``services.worker.step_task.StepTask``.
 """
 
 from __future__ import annotations
 
-import numbers
 from functools import lru_cache
 from typing import Any
 
 import structlog
-from billiard.einfo import ExceptionInfo
-from celery import Task
 from celery.exceptions import Reject, TimeLimitExceeded
 
 from services.worker import feedback, pipeline
 from services.worker.celery_app import app
 from services.worker.custom_metrics import load_custom_metrics
-from services.worker.errors import TRANSIENT_ERRORS, describe, retry_while_busy
+from services.worker.errors import describe, retry_while_busy
 from services.worker.models import shared_model_cache
+from services.worker.step_task import StepTask
 from shared.settings import get_settings
-from shared.store import FINALIZE_STEP, START_STEP, ComparisonNotFound, ComparisonStore, LeaseLost
+from shared.store import FINALIZE_STEP, START_STEP, ComparisonStore
 from shared.tasks import FINALIZE_COMPARISON, LOG_FEEDBACK, RUN_CANDIDATE, START_COMPARISON, queue_for
 
 log = structlog.get_logger()
-
-RETRY_BACKOFF_MAX_S = 60
 
 
 @lru_cache(maxsize=1)
@@ -49,70 +45,14 @@ def context() -> pipeline.WorkerContext:
     )
 
 
-class ComparisonTask(Task):
-    """What every comparison task shares.
+class ComparisonTask(StepTask):
+    """A step on the model workers: its context is this process's ``context()``."""
 
-    Transient failures (``services.worker.errors.TRANSIENT_ERRORS``) are retried with capped
-    exponential back-off and full jitter, ``TRANSIENT_MAX_RETRIES`` times. Whatever else ends a task
-    (a permanent error, retries run out, the hard time limit) goes through ``on_failure``, which
-    ends the job visibly: Celery calls it from the worker's main process when the hard time limit
-    killed the task body, where no ``except`` of the body ever runs. If even that cannot reach
-    Redis or MLflow, the reconciler (services/worker/reconcile.py) finishes the job later.
-    """
-
-    autoretry_for = TRANSIENT_ERRORS
-    retry_backoff = 2
-    retry_backoff_max = RETRY_BACKOFF_MAX_S
-    retry_jitter = True
-    max_retries = get_settings().transient_max_retries
-
-    def step(self, kwargs: dict[str, Any]) -> str | None:
-        """The comparison step this task runs (a candidate's label, START_STEP, FINALIZE_STEP)."""
-        return None
+    def step_context(self) -> pipeline.WorkerContext:
+        return context()
 
     def give_up(self, ctx: pipeline.WorkerContext, exc: BaseException, kwargs: dict[str, Any]) -> None:
         """End the job visibly after this task failed for good."""
-
-    def on_retry(
-        self, exc: Exception, task_id: str, args: Any, kwargs: dict[str, Any], einfo: ExceptionInfo
-    ) -> None:
-        step = self.step(kwargs)
-        if step is None:
-            return
-        # The retry waits out a countdown in some worker's memory, holding no lease meanwhile:
-        # tell the reconciler not to take the step for lost until it should have run.
-        when = getattr(einfo.exception, "when", None)
-        countdown = float(when) if isinstance(when, numbers.Real) else RETRY_BACKOFF_MAX_S
-        settings = get_settings()
-        try:
-            context().store.expect_task(
-                kwargs["comparison_id"],
-                step,
-                task_id,
-                within_s=countdown + settings.reconcile_grace_s + 2 * settings.reconcile_interval_s,
-            )
-        except Exception as error:  # noqa: BLE001 - a missing hint costs at worst a duplicate
-            log.warning("task.expect_failed", task=self.name, error=str(error))
-
-    def on_failure(
-        self, exc: Exception, task_id: str, args: Any, kwargs: dict[str, Any], einfo: ExceptionInfo
-    ) -> None:
-        comparison_id = kwargs.get("comparison_id")
-        if isinstance(exc, LeaseLost | ComparisonNotFound):
-            # Another delivery owns the step now, or the comparison expired: nothing to end.
-            log.info("task.dropped", task=self.name, comparison_id=comparison_id, reason=type(exc).__name__)
-            return
-        log.warning("task.gave_up", task=self.name, comparison_id=comparison_id, error=describe(exc))
-        try:
-            self.give_up(context(), exc, kwargs)
-        except Exception as error:  # noqa: BLE001
-            log.error(
-                "task.give_up_failed",
-                task=self.name,
-                comparison_id=comparison_id,
-                error=f"{type(error).__name__}: {error}",
-                note="the reconciler ends the job once Redis and MLflow answer",
-            )
 
 
 class StartComparison(ComparisonTask):

@@ -1,0 +1,98 @@
+"""What every task that runs a step of a comparison shares, on the model workers
+(services/worker/tasks.py) and the I/O workers (services/worker/remote_tasks.py) alike: the
+retry policy for transient failures, the reconciler's hint while a retry waits, and ending the
+job visibly once the task fails for good. Light on purpose: the I/O workers import it without
+torch or mlflow.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Protocol
+
+import structlog
+from billiard.einfo import ExceptionInfo
+from celery import Task
+
+from services.worker.errors import TRANSIENT_ERRORS, describe
+from shared.settings import get_settings
+from shared.store import ComparisonNotFound, ComparisonStore, LeaseLost
+
+log = structlog.get_logger()
+
+RETRY_BACKOFF_MAX_S = 60
+
+
+class StepContext(Protocol):
+    store: ComparisonStore
+
+
+class StepTask(Task):
+    """Transient failures (``services.worker.errors.TRANSIENT_ERRORS``) are retried with capped
+    exponential back-off and full jitter, ``TRANSIENT_MAX_RETRIES`` times. Whatever else ends a
+    task (a permanent error, retries run out, the hard time limit) goes through ``on_failure``,
+    which ends the job visibly through ``give_up``: Celery calls it from the worker's main
+    process when the hard time limit killed the task body, where no ``except`` of the body ever
+    runs. If even that cannot reach Redis or MLflow, the reconciler
+    (services/worker/reconcile.py) finishes the job later."""
+
+    autoretry_for = TRANSIENT_ERRORS
+    retry_backoff = 2
+    retry_backoff_max = RETRY_BACKOFF_MAX_S
+    retry_jitter = True
+    max_retries = get_settings().transient_max_retries
+    # What the log says happens when give_up itself fails.
+    give_up_fallback = "the reconciler ends the job once Redis and MLflow answer"
+
+    def step_context(self) -> Any:
+        """The process's context (its store, dispatch, ...), built on first use."""
+        raise NotImplementedError
+
+    def step(self, kwargs: dict[str, Any]) -> str | None:
+        """The comparison step this task runs (a candidate's label, START_STEP, FINALIZE_STEP)."""
+        return None
+
+    def give_up(self, ctx: Any, exc: BaseException, kwargs: dict[str, Any]) -> None:
+        """End the job visibly after this task failed for good."""
+
+    def on_retry(
+        self, exc: Exception, task_id: str, args: Any, kwargs: dict[str, Any], einfo: ExceptionInfo
+    ) -> None:
+        step = self.step(kwargs)
+        if step is None:
+            return
+        # The retry waits out a countdown in some worker's memory, holding no lease meanwhile:
+        # tell the reconciler not to take the step for lost until it should have run.
+        when = getattr(einfo.exception, "when", None)
+        countdown = float(when) if isinstance(when, numbers.Real) else RETRY_BACKOFF_MAX_S
+        settings = get_settings()
+        try:
+            ctx: StepContext = self.step_context()
+            ctx.store.expect_task(
+                kwargs["comparison_id"],
+                step,
+                task_id,
+                within_s=countdown + settings.reconcile_grace_s + 2 * settings.reconcile_interval_s,
+            )
+        except Exception as error:  # noqa: BLE001 - a missing hint costs at worst a duplicate
+            log.warning("task.expect_failed", task=self.name, error=str(error))
+
+    def on_failure(
+        self, exc: Exception, task_id: str, args: Any, kwargs: dict[str, Any], einfo: ExceptionInfo
+    ) -> None:
+        comparison_id = kwargs.get("comparison_id")
+        if isinstance(exc, LeaseLost | ComparisonNotFound):
+            # Another delivery owns the step now, or the comparison expired: nothing to end.
+            log.info("task.dropped", task=self.name, comparison_id=comparison_id, reason=type(exc).__name__)
+            return
+        log.warning("task.gave_up", task=self.name, comparison_id=comparison_id, error=describe(exc))
+        try:
+            self.give_up(self.step_context(), exc, kwargs)
+        except Exception as error:  # noqa: BLE001
+            log.error(
+                "task.give_up_failed",
+                task=self.name,
+                comparison_id=comparison_id,
+                error=f"{type(error).__name__}: {error}",
+                note=self.give_up_fallback,
+            )
