@@ -775,7 +775,12 @@ def results_table(results: State, *, score_metric: str | None) -> Table:
 
 
 def _output_cell(out: dict[str, Any], score_metric: str | None) -> Text:
-    text = Text(out["output"]) if out.get("output") is not None else Text("—", style="dim")
+    if out.get("output") is not None:
+        text = Text(out["output"])
+    elif out.get("error"):
+        text = Text(f"no output: {out['error']}", style="red")
+    else:
+        text = Text("—", style="dim")
     scores = out.get("scores") or {}
     if score_metric and score_metric in scores:
         text.append(f"\n{score_metric} {_number(scores[score_metric])}", style="dim")
@@ -852,11 +857,14 @@ def candidates_table(state: State) -> Table:
             speed = f"{speed}\nETA {_duration(p['eta_s'])}".strip()
         if p.get("cache_hits"):
             speed = f"{speed}\n{p['cache_hits']} cached".strip()
+        rows = Text(f"{p['done']}/{p['total']}")
+        if c.get("rows_failed"):
+            rows.append(f"\n{c['rows_failed']} failed", style="red")
         table.add_row(
             Text(c["label"]),
             Text(c["model"]),
             _status_text(c["status"]),
-            f"{p['done']}/{p['total']}",
+            rows,
             speed,
         )
     return table

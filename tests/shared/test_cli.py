@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from rich.console import Console
 from typer.testing import CliRunner, Result
 
 from scripts.stack import Stack, free_port
@@ -761,3 +762,43 @@ class TestClientEvents:
     def test_models_and_metrics(self, api_client):
         assert "smollm2-135m-instruct" in [m["name"] for m in api_client.models()]
         assert "exact_match" in [m["name"] for m in api_client.metrics()]
+
+
+class TestFailedRows:
+    """An endpoint candidate's rows that failed after their retries: counted per candidate and
+    shown with their reason in the outputs table."""
+
+    @staticmethod
+    def rendered(table: Any) -> str:
+        console = Console(width=160, record=True, color_system=None)
+        console.print(table)
+        return console.export_text()
+
+    def test_the_candidates_table_counts_them(self):
+        candidate = {
+            "label": "served",
+            "model": "endpoint:vllm/m",
+            "status": "succeeded",
+            "rows_failed": 2,
+            "progress": {"done": 40, "total": 40, "tokens_per_second": 310.0},
+        }
+        text = self.rendered(
+            cli.candidates_table({"candidates": [candidate, {**candidate, "label": "ok", "rows_failed": 0}]})
+        )
+        served, ok = (line for line in text.splitlines() if "served" in line or "│ ok" in line)
+        assert "40/40" in served and "40/40" in ok
+        assert text.count("2 failed") == 1
+
+    def test_the_outputs_table_gives_the_reason(self):
+        row = {
+            "index": 3,
+            "input": "q",
+            "outputs": {
+                "served": {"output": None, "error": "HTTP 503 after 6 attempts", "scores": {}},
+                "local": {"output": "Paris", "scores": {"exact_match": 1.0}},
+            },
+        }
+        text = self.rendered(
+            cli.results_table({"candidates": ["served", "local"], "rows": [row]}, score_metric="exact_match")
+        )
+        assert "no output: HTTP 503 after 6 attempts" in text and "exact_match 1" in text
