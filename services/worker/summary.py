@@ -106,7 +106,8 @@ def render_html(summary: dict[str, Any]) -> str:
             f"<div class='failed'>{e(c['error'] or '')}</div>" if c.get("error") else ""
         )
         if c.get("rows_failed"):
-            status += f"<div class='failed'>{c['rows_failed']} rows failed</div>"
+            failed = c["rows_failed"]
+            status += f"<div class='failed'>{failed} {'row' if failed == 1 else 'rows'} failed</div>"
         parts.append(f"<tr><td>{e(c['label'])}</td><td>{e(c['model'])}</td><td>{status}</td>")
         for name in metric_names:
             value = c["metrics"].get(name)

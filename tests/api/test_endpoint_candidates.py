@@ -113,7 +113,7 @@ class TestModels:
         assert offered["endpoint:ollama/"] == "ollama: remote completions endpoint; type the model id after /"
         assert "smollm2-135m-instruct" in offered
         assert "127.0.0.9" not in response.text and "VLLM_PROD_KEY" not in response.text
-        assert "pick endpoint:&lt;name&gt;/ and type the model id" in response.text
+        assert "or endpoint:&lt;name&gt;/&lt;model-id&gt;." in response.text
 
 
 class TestSubmit:

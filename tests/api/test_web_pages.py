@@ -296,6 +296,32 @@ class TestComparisonPage:
         assert data["metrics"]["output_words"]["greater_is_better"] is False
         assert data["succeeded"] == ["greedy", "sampled"]
 
+    def test_an_endpoint_candidates_failed_rows_and_usage(self, client, store):
+        comparison_id = write_finished(store)
+        # As the scoring step leaves an endpoint candidate whose row 1 failed after its retries.
+        outputs = [{"output": o, "scores": {}} for o in OUTPUTS["sampled"]]
+        outputs[1] = {"output": None, "scores": {}, "error": "3 attempts failed, the last with HTTP 503"}
+        store.save_outputs(comparison_id, "sampled", outputs)
+        store.set_candidate_fields(
+            comparison_id,
+            "sampled",
+            rows_failed=1,
+            totals={"input_tokens": 87, "output_tokens": 79, "cost": None},
+        )
+        store.set_candidate_fields(
+            comparison_id, "greedy", totals={"input_tokens": 90, "output_tokens": 80, "cost": 0.162}
+        )
+        doc = page(client.get(f"/ui/comparisons/{comparison_id}"))
+        [failed] = doc.xpath('//p[@data-role="rows-failed"]')
+        assert failed.text_content() == "1 row failed at the endpoint (reasons in the table)"
+        usage = [" ".join(p.text_content().split()) for p in doc.xpath('//p[@data-role="usage"]')]
+        # Tokens are shown without a price table too; cost only where there is one.
+        assert usage == ["cost 0.162 · 90 input / 80 output tokens", "87 input / 79 output tokens"]
+        cell = doc.xpath('//table[@id="grid"]//tr[@data-row="1"]//td[@data-label="sampled"]')[0]
+        error = cell.xpath('.//p[@data-role="row-error"]')[0]
+        assert error.text_content() == "no output: 3 attempts failed, the last with HTTP 503"
+        assert "warn-text" in error.get("class")
+
     def test_running_comparison_offers_cancel_and_follows_live(self, client, store):
         created = client.post("/v1/comparisons", json=spec_dict()).json()
         doc = page(client.get(f"/ui/comparisons/{created['id']}"))

@@ -57,6 +57,9 @@ class TestAggregate:
         # 0 of 16: [0, z² / (n + z²)], where a t-interval would be [0, 0].
         assert wilson_interval(0, 16) == (0.0, pytest.approx(3.841459 / (16 + 3.841459)))
         assert wilson_interval(16, 16) == (pytest.approx(1 - 3.841459 / (16 + 3.841459)), 1.0)
+        # Exactly 0 and 1 at the ends, whatever rounding the closed form meets (0/12 gave 2.8e-17).
+        for n in range(1, 301):
+            assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
 
     def test_binary_metric_gets_the_wilson_interval_inside_0_1(self):
         # contains_reference 14/16: the t-interval was [0.693, 1.06].

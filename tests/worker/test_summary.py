@@ -82,6 +82,16 @@ def test_a_higher_is_better_custom_metric_is_marked_best_where_it_is_highest():
     assert _best_cells(html) == ["0.8", "0.3", "0.5"]
 
 
+def test_failed_endpoint_rows_are_counted_under_the_candidates_status():
+    summary = _summary()
+    candidates = summary["candidates"]
+    assert isinstance(candidates, list)
+    candidates[0]["rows_failed"], candidates[1]["rows_failed"] = 1, 3
+    html = render_html(summary)
+    assert "<div class='failed'>1 row failed</div>" in html
+    assert "<div class='failed'>3 rows failed</div>" in html
+
+
 def test_pairwise_statistics_judge_a_binary_metric_won_on_every_row_but_not_a_constant_latency():
     candidates = [_candidate("a", {}), _candidate("b", {})]
     outputs = {
