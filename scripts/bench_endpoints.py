@@ -101,7 +101,7 @@ def run_once(
         deadline = started + timeout_s
         while pending and time.monotonic() < deadline:
             for label in sorted(pending):
-                if store.remote_generation(comparison_id, label) is not None:
+                if store.has_remote_generation(comparison_id, label):
                     finished[label] = time.monotonic() - started
                     pending.discard(label)
             time.sleep(0.02)

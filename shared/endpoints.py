@@ -33,7 +33,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-ENDPOINT_PREFIX = "endpoint:"
+from shared.sources import ENDPOINT_PREFIX
+
 ENDPOINT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 _ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 # A model id as servers spell them: "gpt-4o-mini", "meta-llama/Llama-3.1-8B-Instruct",

@@ -36,6 +36,10 @@ _MLFLOW_MODEL_URI = re.compile(
 )
 
 
+# How a candidate names a model on a remote endpoint: endpoint:<endpoint-name>/<model-id>.
+ENDPOINT_PREFIX = "endpoint:"
+
+
 class SourceKind(StrEnum):
     catalog = "catalog"
     hub = "hub"
@@ -54,8 +58,8 @@ class ModelSource:
 
 def classify_model(model: str) -> ModelSource:
     model = model.strip()
-    if model.startswith("endpoint:"):
-        return ModelSource(SourceKind.endpoint, model.removeprefix("endpoint:"))
+    if model.startswith(ENDPOINT_PREFIX):
+        return ModelSource(SourceKind.endpoint, model.removeprefix(ENDPOINT_PREFIX))
     if model.startswith(("models:/", "runs:/")):
         return ModelSource(SourceKind.mlflow, model)
     if model.startswith("hf:"):

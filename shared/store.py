@@ -970,6 +970,10 @@ class ComparisonStore:
         raw = self.r.get(self._key(comparison_id, "remote", label))
         return json.loads(raw) if raw is not None else None
 
+    def has_remote_generation(self, comparison_id: str, label: str) -> bool:
+        """Whether the I/O worker has stored the candidate's generation (without reading it)."""
+        return bool(self.r.exists(self._key(comparison_id, "remote", label)))
+
     def _endpoint_key(self, name: str, part: str) -> str:
         return f"{self.prefix}:endpoint:{name}:{part}"
 

@@ -9,7 +9,6 @@ visibility timeout is delivered again early, and a retry 10 h away would be.
 from __future__ import annotations
 
 import json
-import secrets as _secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -31,11 +30,6 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, to
 for _, member in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], member) end
 return due
 """
-# KEYS[1] lock; ARGV[1] token.
-_UNLOCK_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 # KEYS[1] secret hash; ARGV[1] new secret, ARGV[2] now, ARGV[3] when the replaced one stops signing.
 _ROTATE_SCRIPT = """
 local current = redis.call('HGET', KEYS[1], 'secret')
@@ -54,7 +48,6 @@ class WebhookStore:
         self.prefix = store.prefix
         self._create = self.r.register_script(_CREATE_SCRIPT)
         self._claim = self.r.register_script(_CLAIM_SCRIPT)
-        self._unlock = self.r.register_script(_UNLOCK_SCRIPT)
         self._rotate = self.r.register_script(_ROTATE_SCRIPT)
 
     # ---- keys
@@ -65,7 +58,8 @@ class WebhookStore:
     def _deliveries(self, comparison_id: str) -> str:
         return self.store._key(comparison_id, "deliveries")
 
-    def _lock(self, webhook_id: str) -> str:
+    def lock_key(self, webhook_id: str) -> str:
+        """The lease an attempt of the delivery holds (services/worker/locks.py Lease)."""
         return f"{self.prefix}:whlock:{webhook_id}"
 
     def _secret(self, key_id: str) -> str:
@@ -135,15 +129,6 @@ class WebhookStore:
             comparison_id, _, webhook_id = str(member).partition("/")
             claimed.append((comparison_id, webhook_id))
         return claimed
-
-    def lock(self, webhook_id: str, *, ttl_s: float) -> str | None:
-        """A token while no other attempt of this delivery runs, else None."""
-        token = _secrets.token_hex(8)
-        taken = self.r.set(self._lock(webhook_id), token, nx=True, px=max(1, int(ttl_s * 1000)))
-        return token if taken else None
-
-    def unlock(self, webhook_id: str, token: str) -> None:
-        self._unlock(keys=[self._lock(webhook_id)], args=[token])
 
     # ---- signing secrets, one per API key; they live as long as the key (no TTL)
     def secret(self, key_id: str) -> WebhookSecretRecord:

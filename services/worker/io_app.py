@@ -9,6 +9,7 @@ stays on the model workers' queue.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import structlog
@@ -16,6 +17,8 @@ from celery import Celery, signals
 
 from shared.celery_config import celery_config
 from shared.settings import get_settings
+from shared.store import ComparisonStore
+from shared.tasks import queue_for
 
 log = structlog.get_logger()
 
@@ -27,6 +30,21 @@ app.conf.task_default_queue = _settings.io_queue_name
 app.conf.imports = ("services.worker.webhook_tasks", "services.worker.remote_tasks")
 
 _webhook_sweep: dict[str, Any] = {}
+
+
+@lru_cache(maxsize=1)
+def io_store() -> ComparisonStore:
+    """One store per I/O worker process, shared by its threads and tasks (its pool is
+    thread-safe)."""
+    settings = get_settings()
+    return ComparisonStore.from_url(
+        settings.redis_url, prefix=settings.key_prefix, ttl_s=settings.result_ttl_s
+    )
+
+
+def dispatch(name: str, kwargs: dict[str, Any], task_id: str) -> None:
+    """Send a task to the queue its name says (model workers' or I/O workers')."""
+    app.send_task(name, kwargs=kwargs, task_id=task_id, queue=queue_for(name, get_settings()))
 
 
 @signals.worker_ready.connect

@@ -551,7 +551,7 @@ def _score_remote(
         # Kept even if the candidate fails below, so /results can still show them.
         writer.outputs(stored_outputs(record))
     stored = load_generation(record, candidate, spec)
-    writer.fields(cache_hits=stored.cache_hits, rows_failed=stored.rows_failed, totals=stored.totals)
+    # cache_hits, rows_failed and totals are on the candidate already: the I/O worker wrote them.
     client = tracking.client(ctx.settings.mlflow_tracking_uri)
     _log_params(client, run_id, stored.params)
     now_ms = int(time.time() * 1000)

@@ -115,7 +115,6 @@ class Reply:
     ttft_s: float | None
     served_model: str | None
     system_fingerprint: str | None
-    streamed: bool
 
 
 class Retryable(Exception):
@@ -254,7 +253,6 @@ def _read_json(response: httpx.Response, *, chat: bool, deadline: float) -> Repl
         system_fingerprint=data.get("system_fingerprint")
         if isinstance(data.get("system_fingerprint"), str)
         else None,
-        streamed=False,
     )
 
 
@@ -302,7 +300,6 @@ def _read_stream(response: httpx.Response, *, chat: bool, started: float, deadli
         ttft_s=ttft,
         served_model=served_model,
         system_fingerprint=fingerprint,
-        streamed=True,
     )
 
 
@@ -602,7 +599,7 @@ def give_up(ctx: RemoteContext, comparison_id: str, label: str, message: str) ->
         log.info("remote.give_up_skipped", comparison_id=comparison_id, label=label, holder=lease.holder())
         return
     try:
-        if store.remote_generation(comparison_id, label) is None:
+        if not store.has_remote_generation(comparison_id, label):
             CandidateWriter(store, comparison_id, label, lease).generation({"error": message[:2000]})
     finally:
         lease.release()
@@ -616,7 +613,7 @@ def _generate_locked(ctx: RemoteContext, comparison_id: str, label: str, lease: 
         return "ended"
     if store.status(comparison_id) is ComparisonStatus.cancelled:
         return "cancelled"
-    if store.remote_generation(comparison_id, label) is not None:
+    if store.has_remote_generation(comparison_id, label):
         return "generated"  # a redelivery after the rows were stored
     spec = store.spec(comparison_id)
     candidate = spec.candidate(label)
@@ -642,7 +639,9 @@ def _generate_locked(ctx: RemoteContext, comparison_id: str, label: str, lease: 
                 }
             )
             return "failed"
-    if not _mark_running(store, comparison_id, label, lease):
+    if not writer.transition(
+        CandidateState.running, allowed_from=[CandidateState.queued, CandidateState.running]
+    ):
         return "ended"
     writer.fields(worker=f"{socket.gethostname()}:{os.getpid()}", generation_started_at=utcnow())
     rows = store.rows(comparison_id)
@@ -673,17 +672,6 @@ def _generate_locked(ctx: RemoteContext, comparison_id: str, label: str, lease: 
         return run.generate()
 
 
-def _mark_running(store: ComparisonStore, comparison_id: str, label: str, lease: Lease) -> bool:
-    return store.fenced_transition_candidate(
-        comparison_id,
-        label,
-        CandidateState.running,
-        allowed_from=[CandidateState.queued, CandidateState.running],
-        lease_key=lease.key,
-        token=lease.token,
-    )
-
-
 @dataclass
 class _Run:
     ctx: RemoteContext
@@ -704,7 +692,9 @@ class _Run:
         results: list[RowResult | None] = [None] * total
         self.writer.progress(done=0, total=total)
         try:
-            # The first row alone: its reply names the model actually served, part of the cache key.
+            # The first row alone: its reply names the model actually served (part of the cache
+            # key), and one request rather than many finds out whether the server streams and
+            # takes the key.
             first = self.caller.call(bodies[0]) if bodies else None
             if first is not None:
                 first.prompt = prompts[0]

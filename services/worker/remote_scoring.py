@@ -29,9 +29,6 @@ class StoredGeneration:
     generated: list[Generated]
     params: dict[str, Any]
     run_metrics: dict[str, float]
-    cache_hits: int
-    rows_failed: int
-    totals: dict[str, float | None]
 
 
 def is_endpoint(model: str) -> bool:
@@ -44,7 +41,7 @@ def awaits_generation(store: ComparisonStore, comparison_id: str, label: str) ->
     return (
         is_endpoint(candidate.model)
         and not candidate.is_final
-        and store.remote_generation(comparison_id, label) is None
+        and not store.has_remote_generation(comparison_id, label)
     )
 
 
@@ -123,7 +120,4 @@ def load_generation(
         generated=generated,
         params=params,
         run_metrics=run_metrics,
-        cache_hits=hits,
-        rows_failed=int(record.get("rows_failed") or 0),
-        totals=totals,
     )

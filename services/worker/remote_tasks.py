@@ -16,11 +16,10 @@ from celery.exceptions import Reject
 
 from services.worker import remote
 from services.worker.errors import describe, retry_while_busy
-from services.worker.io_app import app
+from services.worker.io_app import app, dispatch, io_store
 from services.worker.step_task import StepTask
 from shared.settings import get_settings
-from shared.store import ComparisonStore
-from shared.tasks import GENERATE_REMOTE, queue_for
+from shared.tasks import GENERATE_REMOTE
 
 log = structlog.get_logger()
 
@@ -28,15 +27,7 @@ log = structlog.get_logger()
 @lru_cache(maxsize=1)
 def context() -> remote.RemoteContext:
     """One context per I/O worker process, built on first use; its Redis pool is thread-safe."""
-    settings = get_settings()
-    store = ComparisonStore.from_url(
-        settings.redis_url, prefix=settings.key_prefix, ttl_s=settings.result_ttl_s
-    )
-
-    def dispatch(name: str, kwargs: dict[str, Any], task_id: str) -> None:
-        app.send_task(name, kwargs=kwargs, task_id=task_id, queue=queue_for(name, settings))
-
-    return remote.RemoteContext(settings=settings, store=store, dispatch=dispatch)
+    return remote.RemoteContext(settings=get_settings(), store=io_store(), dispatch=dispatch)
 
 
 class GenerateRemote(StepTask):

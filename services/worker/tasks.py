@@ -51,9 +51,6 @@ class ComparisonTask(StepTask):
     def step_context(self) -> pipeline.WorkerContext:
         return context()
 
-    def give_up(self, ctx: pipeline.WorkerContext, exc: BaseException, kwargs: dict[str, Any]) -> None:
-        """End the job visibly after this task failed for good."""
-
 
 class StartComparison(ComparisonTask):
     name = START_COMPARISON
@@ -116,12 +113,10 @@ class FinalizeComparison(ComparisonTask):
 class LogFeedback(ComparisonTask):
     name = LOG_FEEDBACK
 
+    # give_up does nothing: votes and ratings stay in Redis, and the next one queues another attempt.
+
     def run(self, comparison_id: str) -> str:
         return feedback.log_feedback(context(), comparison_id)
-
-    def give_up(self, ctx: pipeline.WorkerContext, exc: BaseException, kwargs: dict[str, Any]) -> None:
-        # Votes and ratings stay in Redis; the next one queues another attempt.
-        pass
 
 
 start_comparison = app.register_task(StartComparison())

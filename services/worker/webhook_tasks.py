@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import threading
 from functools import lru_cache
-from typing import Any
 
 import structlog
 from redis.exceptions import RedisError
 
 from services.worker import webhooks
-from services.worker.io_app import app
+from services.worker.io_app import app, dispatch, io_store
 from shared.settings import get_settings
-from shared.store import ComparisonStore
-from shared.tasks import DELIVER_WEBHOOK, queue_for
+from shared.tasks import DELIVER_WEBHOOK
 
 log = structlog.get_logger()
 
@@ -26,15 +24,7 @@ log = structlog.get_logger()
 @lru_cache(maxsize=1)
 def context() -> webhooks.WebhookContext:
     """One context per I/O worker process, shared by its threads."""
-    settings = get_settings()
-    store = ComparisonStore.from_url(
-        settings.redis_url, prefix=settings.key_prefix, ttl_s=settings.result_ttl_s
-    )
-
-    def dispatch(name: str, kwargs: dict[str, Any], task_id: str) -> None:
-        app.send_task(name, kwargs=kwargs, task_id=task_id, queue=queue_for(name, settings))
-
-    return webhooks.WebhookContext(settings=settings, store=store, dispatch=dispatch)
+    return webhooks.WebhookContext(settings=get_settings(), store=io_store(), dispatch=dispatch)
 
 
 @app.task(name=DELIVER_WEBHOOK, ignore_result=True)

@@ -19,6 +19,7 @@ This module imports neither torch, transformers nor mlflow: the I/O workers load
 from __future__ import annotations
 
 import ipaddress
+import math
 import threading
 import time
 import uuid
@@ -32,6 +33,7 @@ import httpcore
 import httpx
 import structlog
 
+from services.worker.locks import Lease
 from shared.records import DeliveryAttempt, DeliveryRecord
 from shared.settings import Settings
 from shared.store import ComparisonStore
@@ -260,13 +262,13 @@ def deliver(ctx: WebhookContext, comparison_id: str, webhook_id: str) -> str:
     """One attempt of the delivery, if it is pending and due. Returns its state afterwards, or
     why nothing was sent (busy, not_due, gone)."""
     window = attempt_window_s(ctx.settings)
-    token = ctx.hooks.lock(webhook_id, ttl_s=window)
-    if token is None:
+    lease = Lease(ctx.store.r, ctx.hooks.lock_key(webhook_id), ttl_s=math.ceil(window))
+    if not lease.acquire():
         return "busy"  # another attempt is running; if its worker dies, the due set brings it back
     try:
         return _deliver_locked(ctx, comparison_id, webhook_id, window)
     finally:
-        ctx.hooks.unlock(webhook_id, token)
+        lease.release()
 
 
 def _deliver_locked(ctx: WebhookContext, comparison_id: str, webhook_id: str, window: float) -> str:

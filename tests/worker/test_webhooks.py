@@ -20,6 +20,7 @@ import redis
 import standardwebhooks
 
 from services.worker import webhooks
+from services.worker.locks import Lease
 from shared.settings import Settings
 from shared.store import ComparisonStore
 from shared.tasks import DELIVER_WEBHOOK
@@ -319,11 +320,11 @@ class TestDeliver:
     def test_an_attempt_in_progress_is_not_doubled(self, ctx, store, transport):
         cid = finished(store, {"url": HOOK, "events": ["comparison.finished"]})
         [wid] = emit(ctx, cid, "comparison.finished")
-        token = ctx.hooks.lock(wid, ttl_s=30)
-        assert token is not None
+        other_attempt = Lease(store.r, ctx.hooks.lock_key(wid), ttl_s=30)
+        assert other_attempt.acquire()
         assert webhooks.deliver(ctx, cid, wid) == "busy"
         assert transport.requests == []
-        ctx.hooks.unlock(wid, token)
+        other_attempt.release()
         assert webhooks.deliver(ctx, cid, wid) == "delivered"
 
     def test_an_expired_delivery_leaves_the_due_set(self, ctx, store):
