@@ -285,6 +285,12 @@ class Settings(BaseSettings):
     def mlflow_ui_url(self) -> str:
         return (self.mlflow_public_url or self.mlflow_tracking_uri).rstrip("/")
 
+    def mlflow_link(self, experiment_id: str | None, run_id: str | None = None) -> str | None:
+        """The MLflow UI page of an experiment, or of one of its runs; None without an experiment."""
+        if not experiment_id:
+            return None
+        return f"{self.mlflow_ui_url}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+
 
 @lru_cache
 def get_settings() -> Settings:

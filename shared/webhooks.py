@@ -34,11 +34,7 @@ def comparison_summary(
 ) -> dict[str, Any]:
     base = (settings.api_public_url or "").rstrip("/")
     path = f"{base}/v1/comparisons/{record.id}"
-    mlflow_url = None
-    if record.experiment_id:
-        mlflow_url = f"{settings.mlflow_ui_url}/#/experiments/{record.experiment_id}" + (
-            f"/runs/{record.parent_run_id}" if record.parent_run_id else ""
-        )
+    mlflow_url = settings.mlflow_link(record.experiment_id, record.parent_run_id)
     verdicts = [
         {key: _finite(entry.get(key)) for key in _VERDICT_FIELDS}
         for entry in record.pairwise

@@ -53,13 +53,15 @@ class _Open:
     """A comparison that takes votes and ratings."""
 
     record: ComparisonRecord
-    rows: int
-    labels: list[str]
     succeeded: list[str]
 
+    @property
+    def rows(self) -> int:
+        return self.record.rows
 
-def _load(store: ComparisonStore, comparison_id: str, principal: Principal) -> ComparisonRecord:
-    return load_owned(store, comparison_id, principal)
+    @property
+    def labels(self) -> list[str]:
+        return self.record.labels
 
 
 def _succeeded(store: ComparisonStore, comparison_id: str, labels: list[str]) -> list[str]:
@@ -67,7 +69,7 @@ def _succeeded(store: ComparisonStore, comparison_id: str, labels: list[str]) ->
 
 
 def _open(store: ComparisonStore, comparison_id: str, principal: Principal) -> _Open:
-    record = _load(store, comparison_id, principal)
+    record = load_owned(store, comparison_id, principal)
     status = record.status
     if status not in OPEN_STATUSES:
         message = (
@@ -75,13 +77,7 @@ def _open(store: ComparisonStore, comparison_id: str, principal: Principal) -> _
             "ended with outputs (succeeded or partially_failed)"
         )
         raise Conflict(message, fields=[FieldProblem("status", message)])
-    labels = record.labels
-    return _Open(
-        record=record,
-        rows=record.rows,
-        labels=labels,
-        succeeded=_succeeded(store, comparison_id, labels),
-    )
+    return _Open(record=record, succeeded=_succeeded(store, comparison_id, record.labels))
 
 
 def _person(name: str | None) -> str | None:
@@ -266,7 +262,7 @@ def _output(produced: list[str | None], row: int) -> str:
 
 def read_votes(*, comparison_id: str, store: ComparisonStore, principal: Principal) -> VotesRead:
     """Every vote, the candidates ranked by them, and how they agree with the judge and metrics."""
-    record = _load(store, comparison_id, principal)
+    record = load_owned(store, comparison_id, principal)
     succeeded = _succeeded(store, comparison_id, record.labels)
     votes = store.votes(comparison_id)
     ranking = arena_ranking(succeeded, [(v["a"], v["b"], v["winner"]) for v in votes])
@@ -350,5 +346,5 @@ def set_rating(
 
 
 def read_ratings(*, comparison_id: str, store: ComparisonStore, principal: Principal) -> RatingsRead:
-    _load(store, comparison_id, principal)
+    load_owned(store, comparison_id, principal)
     return RatingsRead(ratings=[RatingRead.model_validate(r) for r in store.ratings(comparison_id)])

@@ -105,7 +105,6 @@ def _to_read(
     record: ComparisonRecord, stored: list[CandidateRecord], settings: Settings, principal: Principal
 ) -> ComparisonRead:
     spec = record.spec
-    ui = settings.mlflow_ui_url
     experiment_id = record.experiment_id
     candidates = []
     for cand in stored:
@@ -126,9 +125,7 @@ def _to_read(
                 metrics_unavailable=cand.metrics_unavailable,
                 aggregates=cand.aggregates,
                 mlflow_run_id=run_id,
-                mlflow_run_url=f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
-                if run_id and experiment_id
-                else None,
+                mlflow_run_url=settings.mlflow_link(experiment_id, run_id) if run_id else None,
                 error=cand.error,
                 rows_failed=cand.rows_failed,
                 totals=cand.totals,
@@ -139,10 +136,7 @@ def _to_read(
                 finished_at=cand.finished_at,
             )
         )
-    parent = record.parent_run_id
-    url = None
-    if experiment_id:
-        url = f"{ui}/#/experiments/{experiment_id}" + (f"/runs/{parent}" if parent else "")
+    url = settings.mlflow_link(experiment_id, record.parent_run_id)
     return ComparisonRead(
         id=record.id,
         name=spec.name,
@@ -155,7 +149,7 @@ def _to_read(
         created_at=record.created_at,
         started_at=record.started_at,
         finished_at=record.finished_at,
-        mlflow=MlflowLinks(experiment_id=experiment_id, parent_run_id=parent, url=url),
+        mlflow=MlflowLinks(experiment_id=experiment_id, parent_run_id=record.parent_run_id, url=url),
         candidates=candidates,
         pairwise=record.pairwise,
         judge_ranking=record.judge_ranking,
@@ -215,7 +209,9 @@ def cancel_comparison(
     publisher.revoke(list(store.task_ids(comparison_id).values()))
     log.info("comparison.cancelled", comparison_id=comparison_id, by=principal.name, key_id=principal.key_id)
     store.audit(comparison_id, actor=principal.name, action="cancelled", key_id=principal.key_id)
-    return read_comparison(comparison_id=comparison_id, store=store, settings=settings, principal=principal)
+    # Ownership was checked above: read the final state without checking it again.
+    ended = store.get(comparison_id)
+    return _to_read(ended, store.candidates(comparison_id, record.labels), settings, principal)
 
 
 def comparison_results(

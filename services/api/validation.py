@@ -36,7 +36,7 @@ from shared.sources import (
     mlflow_model_problem,
     revision_problem,
 )
-from shared.webhook_targets import Resolver, TargetRefused, check_target, system_resolve
+from shared.webhook_targets import TargetRefused, check_target, system_resolve
 
 
 def resolve_metrics(spec: ComparisonCreate) -> list[str]:
@@ -74,9 +74,7 @@ def validate_comparison(
     return resolve_metrics(spec)
 
 
-def callback_problems(
-    callbacks: list[CallbackCreate], settings: Settings, *, resolve: Resolver | None = None
-) -> list[FieldProblem]:
+def callback_problems(callbacks: list[CallbackCreate], settings: Settings) -> list[FieldProblem]:
     """Every callback whose URL may not be called: its shape, the operator's allowlist, and the
     addresses its host resolves to now (only hosts the allowlist matches are resolved). The I/O workers
     check again before every attempt, since DNS answers change."""
@@ -95,7 +93,7 @@ def callback_problems(
             continue
         seen[callback.url] = i
         try:
-            check_target(callback.url, allowlist, resolve=resolve or system_resolve)
+            check_target(callback.url, allowlist, resolve=system_resolve)
         except TargetRefused as exc:
             problems.append(FieldProblem(field, str(exc)))
     return problems

@@ -253,7 +253,7 @@ def stream_events(
     comparison_id: str, request: Request, store: StoreDep, settings: SettingsDep, principal: ReaderDep
 ) -> Any:
     # Read once before streaming, so an unknown id is a plain 404 rather than a broken stream.
-    service.read_comparison(comparison_id=comparison_id, store=store, settings=settings, principal=principal)
+    service.load_owned(store, comparison_id, principal)
     return StreamingResponse(
         comparison_events(
             comparison_id=comparison_id,
