@@ -20,11 +20,7 @@ API's JSON instead of tables. Exit codes, the same with ``--json``:
 from __future__ import annotations
 
 import json
-import math
-import queue
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -46,7 +42,7 @@ from rich.text import Text
 
 from shared.apikeys import KeyRecord, Quotas, Role, issue_key
 from shared.client import FINAL_STATUSES, ApiError, ComparisonClient
-from shared.schemas import ComparisonStatus
+from shared.schemas import ComparisonRead, ComparisonStatus
 from shared.settings import get_settings
 from shared.store import ComparisonStore
 
@@ -348,17 +344,17 @@ def _print_submitted(cli: Cli, created: State) -> None:
 
 
 def _follow(cli: Cli, client: ComparisonClient, created: State, *, timeout: float | None) -> State:
-    """Progress bars (none under --json) until the comparison ends; its final state."""
+    """Progress bars (none under --json) until the comparison ends; its final state. States come
+    from the event stream, or from polling once a second when it fails (``ComparisonClient.wait``)."""
     cid = created["id"]
-    deadline = None if timeout is None else time.monotonic() + timeout
     last = created
     bars: CandidateBars | None = None
 
-    def on_state(state: State) -> None:
+    def on_update(state: ComparisonRead) -> None:
         nonlocal last
-        last = state
+        last = _json(state)
         if bars is not None:
-            bars.update(state)
+            bars.update(last)
 
     def on_fallback(reason: str) -> None:
         if not cli.json:
@@ -376,7 +372,9 @@ def _follow(cli: Cli, client: ComparisonClient, created: State, *, timeout: floa
                 )
                 bars = CandidateBars(stack.enter_context(_progress_bars(cli.console)))
                 bars.update(created)
-            final = watch(client, cid, deadline=deadline, on_state=on_state, on_fallback=on_fallback)
+            final = client.wait(
+                cid, timeout=timeout, poll_s=1.0, on_update=on_update, on_fallback=on_fallback
+            )
     except KeyboardInterrupt:
         cli.fail(
             ExitCode.interrupted,
@@ -384,7 +382,7 @@ def _follow(cli: Cli, client: ComparisonClient, created: State, *, timeout: floa
             f"Stopped waiting; comparison {cid} keeps running.",
             verbatim=[f"Follow it with: {cli.command(f'show {cid}')}", f"Web page: {_web_url(cli, cid)}"],
         )
-    if final is None:
+    except TimeoutError:
         cli.fail(
             ExitCode.not_succeeded,
             "timeout",
@@ -392,68 +390,7 @@ def _follow(cli: Cli, client: ComparisonClient, created: State, *, timeout: floa
             "and keeps running.",
             verbatim=[f"Follow it with: {cli.command(f'show {cid}')}"],
         )
-    return final
-
-
-def watch(
-    client: ComparisonClient,
-    comparison_id: str,
-    *,
-    deadline: float | None = None,
-    on_state: Callable[[State], None] | None = None,
-    on_fallback: Callable[[str], None] | None = None,
-) -> State | None:
-    """Follow a comparison until it ends and return its final state, or None once ``deadline``
-    (a ``time.monotonic()`` value) passes. States come from the Server-Sent Events stream; when
-    that fails or closes before the end, from polling once a second."""
-    updates: queue.Queue[State | Exception | None] = queue.Queue()
-    # The stream is read in a thread so that this one can keep the deadline and take Ctrl-C
-    # while a read blocks between events (keep-alives come only every 15 s).
-    reader = threading.Thread(
-        target=_read_events, args=(client, comparison_id, updates), name="llm-compare-events", daemon=True
-    )
-    reader.start()
-    while True:
-        if deadline is not None and time.monotonic() >= deadline:
-            return None
-        wait_s = 1.0 if deadline is None else min(1.0, max(deadline - time.monotonic(), 0.0))
-        try:
-            item = updates.get(timeout=wait_s)
-        except queue.Empty:
-            continue
-        if isinstance(item, dict):
-            if on_state is not None:
-                on_state(item)
-            if item["status"] in FINAL_STATUSES:
-                return item
-            continue
-        if on_fallback is not None:
-            on_fallback("the stream closed" if item is None else str(item) or type(item).__name__)
-        break
-    remaining = math.inf if deadline is None else deadline - time.monotonic()
-    try:
-        # The stream has already failed or closed: poll.
-        final = client.wait(
-            comparison_id,
-            timeout=remaining,
-            poll_s=1.0,
-            stream=False,
-            on_update=None if on_state is None else lambda state: on_state(_json(state)),
-        )
-        return _json(final)
-    except TimeoutError:
-        return None
-
-
-def _read_events(client: ComparisonClient, comparison_id: str, updates: queue.Queue[Any]) -> None:
-    try:
-        for event, data in client.events(comparison_id):
-            if event in ("comparison", "end"):
-                updates.put(json.loads(data))
-        # Closed without an `end`: an API restart or a proxy's timeout.
-        updates.put(None)
-    except Exception as exc:  # noqa: BLE001 - any broken stream means polling instead
-        updates.put(exc)
+    return _json(final)
 
 
 def _progress_bars(console: Console) -> Progress:

@@ -24,6 +24,7 @@ import asyncio
 import builtins
 import contextlib
 import inspect
+import itertools
 import json
 import math
 import queue
@@ -445,9 +446,9 @@ def _rating_body(
     return {"row": row, "label": label, "rating": rating, **_without_none(comment=comment, rater=rater)}
 
 
-def _timed_out(comparison_id: str, last: ComparisonRead | None, timeout: float) -> TimeoutError:
+def _timed_out(comparison_id: str, last: ComparisonRead | None, timeout: float | None) -> TimeoutError:
     status = last.status.value if last else "unknown"
-    return TimeoutError(f"comparison {comparison_id} still {status} after {timeout:g}s")
+    return TimeoutError(f"comparison {comparison_id} still {status} after {timeout or 0:g}s")
 
 
 class _ClientBase:
@@ -583,14 +584,22 @@ class ComparisonClient(_ClientBase):
         return self._call(_Calls.deliveries(comparison_id))
 
     def events(
-        self, comparison_id: str, *, read_timeout: float = STREAM_READ_TIMEOUT_S
+        self,
+        comparison_id: str,
+        *,
+        read_timeout: float = STREAM_READ_TIMEOUT_S,
+        stop: threading.Event | None = None,
     ) -> Iterator[tuple[str, str]]:
         """The comparison's Server-Sent Events as (event, data): ``comparison`` with the full state
         JSON on connect and on every change, then ``end`` with the final state, after which the
         server closes the stream. The server sends a comment at least every 15 s, so a read that
-        waits ``read_timeout`` seconds means the stream is dead (``httpx.ReadTimeout``)."""
+        waits ``read_timeout`` seconds means the stream is dead (``httpx.ReadTimeout``). Once
+        ``stop`` is set the stream ends at its next line, keep-alive comments included."""
         with self._event_stream(comparison_id, read_timeout) as response:
-            yield from parse_sse(response.iter_lines())
+            lines = response.iter_lines()
+            if stop is not None:
+                lines = itertools.takewhile(lambda _: not stop.is_set(), lines)
+            yield from parse_sse(lines)
 
     @contextlib.contextmanager
     def _event_stream(self, comparison_id: str, read_timeout: float) -> Iterator[httpx.Response]:
@@ -609,17 +618,18 @@ class ComparisonClient(_ClientBase):
         self,
         comparison_id: str,
         *,
-        timeout: float = 1800,
+        timeout: float | None = 1800,
         on_update: OnUpdate | None = None,
         poll_s: float = 1.0,
         stream: bool = True,
+        on_fallback: Callable[[str], object] | None = None,
     ) -> ComparisonRead:
         """Block until the comparison ends and return its final state; ``TimeoutError`` after
-        ``timeout`` seconds (it keeps running). ``on_update`` gets every state seen on the way.
-        States come from the Server-Sent Events stream; when it is unavailable or breaks (an
-        older API, a proxy that buffers), or with ``stream=False``, from polling every
-        ``poll_s`` seconds."""
-        deadline = time.monotonic() + timeout
+        ``timeout`` seconds (None: no limit; it keeps running). ``on_update`` gets every state
+        seen on the way. States come from the Server-Sent Events stream; when it is unavailable
+        or breaks (an older API, a proxy that buffers), or with ``stream=False``, from polling
+        every ``poll_s`` seconds, and ``on_fallback`` is told why."""
+        deadline = time.monotonic() + (math.inf if timeout is None else timeout)
         seen: builtins.list[ComparisonRead] = []
 
         def notify(state: ComparisonRead) -> None:
@@ -628,7 +638,7 @@ class ComparisonClient(_ClientBase):
                 on_update(state)
 
         if stream:
-            final = self._follow_stream(comparison_id, deadline, notify)
+            final = self._follow_stream(comparison_id, deadline, notify, on_fallback)
             if final is not None:
                 return final
         while True:
@@ -644,10 +654,15 @@ class ComparisonClient(_ClientBase):
             time.sleep(min(poll_s, remaining))
 
     def _follow_stream(
-        self, comparison_id: str, deadline: float, notify: Callable[[ComparisonRead], None]
+        self,
+        comparison_id: str,
+        deadline: float,
+        notify: Callable[[ComparisonRead], None],
+        on_fallback: Callable[[str], object] | None,
     ) -> ComparisonRead | None:
         """The final state from the stream; None when the stream fails or closes before the end
-        (polling takes over), or when the deadline passes (the caller raises)."""
+        (polling takes over; ``on_fallback`` is told why), or when the deadline passes (the
+        caller raises)."""
         updates: queue.Queue[str | Exception | None] = queue.Queue()
         stop = threading.Event()
         # Read in a thread so that this one keeps the deadline while a read blocks between events.
@@ -664,33 +679,32 @@ class ComparisonClient(_ClientBase):
                 if remaining <= 0:
                     return None
                 try:
-                    item = updates.get(timeout=remaining)
+                    # At most a second at a time: no deadline is too far for a queue's timeout.
+                    item = updates.get(timeout=min(remaining, 1.0))
                 except queue.Empty:
-                    return None
+                    continue
                 if not isinstance(item, str):
+                    if on_fallback is not None:
+                        on_fallback("the stream closed" if item is None else str(item) or type(item).__name__)
                     return None
                 state = ComparisonRead.model_validate_json(item)
                 notify(state)
                 if state.status.is_final:
                     return state
-        except ValidationError:
+        except ValidationError as exc:
+            if on_fallback is not None:
+                on_fallback(f"an event was not a comparison: {exc.error_count()} errors")
             return None
         finally:
             stop.set()
 
     def _read_states(self, comparison_id: str, updates: queue.Queue[Any], stop: threading.Event) -> None:
         try:
-            with self._event_stream(comparison_id, STREAM_READ_TIMEOUT_S) as response:
-                parser = _SseParser()
-                # Line by line, keep-alive comments included: once the waiter has gone, the
-                # thread ends at the next line instead of holding the connection.
-                for line in response.iter_lines():
-                    if stop.is_set():
-                        return
-                    item = parser.feed(line)
-                    if item is not None and item[0] in ("comparison", "end"):
-                        updates.put(item[1])
-            updates.put(None)  # closed without an `end`: an API restart or a proxy's timeout
+            for event, data in self.events(comparison_id, stop=stop):
+                if event in ("comparison", "end"):
+                    updates.put(data)
+            if not stop.is_set():
+                updates.put(None)  # closed without an `end`: an API restart or a proxy's timeout
         except Exception as exc:  # noqa: BLE001 - any failure of the stream means polling instead
             updates.put(exc)
 
@@ -878,13 +892,14 @@ class AsyncComparisonClient(_ClientBase):
         self,
         comparison_id: str,
         *,
-        timeout: float = 1800,
+        timeout: float | None = 1800,
         on_update: OnUpdate | None = None,
         poll_s: float = 1.0,
         stream: bool = True,
+        on_fallback: Callable[[str], object] | None = None,
     ) -> ComparisonRead:
         """See ``ComparisonClient.wait``; ``on_update`` may also be a coroutine function."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (math.inf if timeout is None else timeout)
         seen: builtins.list[ComparisonRead] = []
 
         async def notify(state: ComparisonRead) -> None:
@@ -901,7 +916,7 @@ class AsyncComparisonClient(_ClientBase):
             remaining = deadline - time.monotonic()
             try:
                 async with asyncio.timeout(None if math.isinf(remaining) else remaining):
-                    final = await self._follow_stream(comparison_id, notify)
+                    final = await self._follow_stream(comparison_id, notify, on_fallback)
             except TimeoutError:
                 raise timed_out() from None
             if final is not None:
@@ -919,7 +934,10 @@ class AsyncComparisonClient(_ClientBase):
             await asyncio.sleep(min(poll_s, remaining))
 
     async def _follow_stream(
-        self, comparison_id: str, notify: Callable[[ComparisonRead], Any]
+        self,
+        comparison_id: str,
+        notify: Callable[[ComparisonRead], Any],
+        on_fallback: Callable[[str], object] | None,
     ) -> ComparisonRead | None:
         try:
             async with contextlib.aclosing(self.events(comparison_id)) as events:
@@ -930,9 +948,13 @@ class AsyncComparisonClient(_ClientBase):
                     await notify(state)
                     if state.status.is_final:
                         return state
-        except (httpx.HTTPError, ApiError, ValidationError):
-            return None  # the stream is unavailable or broke: polling takes over
-        return None  # closed without an `end`
+        except (httpx.HTTPError, ApiError, ValidationError) as exc:
+            reason = str(exc) or type(exc).__name__  # the stream is unavailable or broke
+        else:
+            reason = "the stream closed"  # without an `end`
+        if on_fallback is not None:
+            on_fallback(reason)
+        return None  # polling takes over
 
     # ------------------------------------------------------------ human evaluation
 

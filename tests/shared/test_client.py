@@ -390,13 +390,24 @@ class TestWait:
 
         created = client.submit(spec())
         worker = in_thread(play_worker, store, created.id, step_s=0.2)
+        reasons: list[str] = []
         with Loopback(respond) as proxy, ComparisonClient(proxy.url) as through_proxy:
-            final = through_proxy.wait(created.id, timeout=60, poll_s=0.1)
+            final = through_proxy.wait(created.id, timeout=60, poll_s=0.1, on_fallback=reasons.append)
         worker.join(timeout=30)
         assert final.status is ComparisonStatus.succeeded
+        assert len(reasons) == 1 and "404" in reasons[0]  # told once why it polls
         paths = [s.path for s in proxy.seen]
         assert paths[0] == f"/v1/comparisons/{created.id}/events"
         assert paths[1:] and set(paths[1:]) == {f"/v1/comparisons/{created.id}"}
+
+    def test_without_a_time_limit(self, client, store):
+        created = client.submit(spec())
+        sent = record_requests(client)
+        worker = in_thread(play_worker, store, created.id, step_s=0.2)
+        final = client.wait(created.id, timeout=None)
+        worker.join(timeout=30)
+        assert final.status is ComparisonStatus.succeeded
+        assert sent == [f"GET /v1/comparisons/{created.id}/events"]  # followed the stream
 
     @pytest.mark.parametrize("stream", [True, False])
     def test_timeout(self, client, stream):
