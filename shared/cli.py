@@ -138,10 +138,11 @@ class Cli:
             client.close()
 
     def _refused(self, exc: ApiError, *, what: str) -> NoReturn:
-        body = exc.body if isinstance(exc.body, dict) else {}
-        message = str(body.get("message") or exc)
-        json_body = body or {"error": "http_error", "message": str(exc), "fields": []}
-        fields = [f"{f.get('field')}: {f.get('message')}" for f in body.get("fields") or []]
+        # The API's own error JSON is parsed by ApiError; anything else (a proxy's page) is not.
+        parsed = exc.code != "http_error"
+        message = exc.message if parsed else str(exc)
+        json_body = exc.body if parsed else {"error": "http_error", "message": str(exc), "fields": []}
+        fields = [f"{f.field}: {f.message}" for f in exc.fields]
         if exc.status_code in (413, 422):
             nothing = "; nothing was queued" if what == "comparison" else ""
             header = f"The API refused the {what} (HTTP {exc.status_code}){nothing}"
@@ -155,7 +156,7 @@ class Cli:
         if exc.status_code in (401, 403):
             self.fail(
                 ExitCode.not_authorised,
-                str(body.get("error") or "unauthorized"),
+                exc.code if parsed else "unauthorized",
                 f"The llm-compare API at {self.url} refused the key (HTTP {exc.status_code}): {message}",
                 hint="Pass an API key with --key or LLM_COMPARE_KEY; an operator creates one with "
                 "`llm-compare keys create --name <team> --role submitter`.",
@@ -169,7 +170,7 @@ class Cli:
                 hint=_START_HINT,
                 body=json_body,
             )
-        self.fail(ExitCode.not_succeeded, str(body.get("error") or "http_error"), message, body=json_body)
+        self.fail(ExitCode.not_succeeded, exc.code, message, body=json_body)
 
 
 _START_HINT = (
@@ -893,9 +894,14 @@ keys_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 
 
-def _key_store() -> ComparisonStore:
+@contextmanager
+def _key_store(cli: Cli) -> Iterator[ComparisonStore]:
+    """The store the keys live in (Redis at REDIS_URL); exit 3 when it cannot be reached."""
     settings = get_settings()
-    return ComparisonStore.from_url(settings.redis_url, prefix=settings.key_prefix)
+    try:
+        yield ComparisonStore.from_url(settings.redis_url, prefix=settings.key_prefix)
+    except redis.RedisError as exc:
+        cli.fail(ExitCode.unreachable, "unavailable", f"Cannot reach Redis at REDIS_URL: {exc}")
 
 
 def _key_row(record: KeyRecord) -> dict[str, Any]:
@@ -924,17 +930,16 @@ def keys_create(
 ) -> None:
     """Create a key and print it, once: only its hash is stored."""
     cli = _cli(ctx)
-    try:
-        record, key = issue_key(
-            _key_store(),
-            name=name,
-            role=role,
-            quotas=Quotas(submissions_per_minute=submissions_per_minute, max_running=max_running),
-        )
-    except ValueError as exc:
-        cli.fail(ExitCode.invalid, "invalid_request", str(exc))
-    except redis.RedisError as exc:
-        cli.fail(ExitCode.unreachable, "unavailable", f"Cannot reach Redis at REDIS_URL: {exc}")
+    with _key_store(cli) as store:
+        try:
+            record, key = issue_key(
+                store,
+                name=name,
+                role=role,
+                quotas=Quotas(submissions_per_minute=submissions_per_minute, max_running=max_running),
+            )
+        except ValueError as exc:
+            cli.fail(ExitCode.invalid, "invalid_request", str(exc))
     if cli.json:
         cli.emit({**_key_row(record), "key": key})
         return
@@ -951,10 +956,8 @@ def keys_create(
 def keys_list(ctx: typer.Context) -> None:
     """Every key: id, name, role, when created and last used, revoked or not. Never the keys."""
     cli = _cli(ctx)
-    try:
-        records = _key_store().api_keys()
-    except redis.RedisError as exc:
-        cli.fail(ExitCode.unreachable, "unavailable", f"Cannot reach Redis at REDIS_URL: {exc}")
+    with _key_store(cli) as store:
+        records = store.api_keys()
     if cli.json:
         cli.emit([_key_row(r) for r in records])
         return
@@ -977,10 +980,8 @@ def keys_list(ctx: typer.Context) -> None:
 def keys_revoke(ctx: typer.Context, key_id: Annotated[str, typer.Argument(metavar="KEY_ID")]) -> None:
     """Revoke a key at once: its next request gets a 401."""
     cli = _cli(ctx)
-    try:
-        revoked = _key_store().revoke_api_key(key_id)
-    except redis.RedisError as exc:
-        cli.fail(ExitCode.unreachable, "unavailable", f"Cannot reach Redis at REDIS_URL: {exc}")
+    with _key_store(cli) as store:
+        revoked = store.revoke_api_key(key_id)
     if not revoked:
         cli.fail(
             ExitCode.not_succeeded,
