@@ -43,6 +43,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from shared.backoff import backoff_seconds, parse_retry_after
+from shared.results import result_columns
 from shared.schemas import (
     AuditRead,
     ComparisonCreate,
@@ -235,33 +236,22 @@ def results_dataframe(results: ComparisonResults) -> pandas.DataFrame:
     and ``<label>/comments`` (a list of {rater, rating, comment}): the columns of ``?format=csv``,
     with numbers as numbers and missing values as missing."""
     pd = _import_pandas()
-    extra_columns: builtins.list[str] = []
-    scores: dict[str, builtins.list[str]] = {label: [] for label in results.candidates}
-    with_errors: set[str] = set()
-    for row in results.rows:
-        extra_columns += [key for key in row.model_extra or {} if key not in extra_columns]
-        for label, output in row.outputs.items():
-            scores.setdefault(label, [])
-            scores[label] += [metric for metric in output.scores if metric not in scores[label]]
-            if output.error is not None:
-                with_errors.add(label)
-    columns = ["input", "reference", *extra_columns]
+    layout = result_columns(results)
+    columns = ["input", "reference", *layout.extra]
     for label in results.candidates:
-        columns += [label, *(f"{label}/{metric}" for metric in scores[label])]
-        columns += [f"{label}/error"] if label in with_errors else []
-        columns += [f"{label}/thumbs_up", f"{label}/thumbs_down", f"{label}/comments"]
+        columns += layout.of_candidate(label)
     records = []
     for row in results.rows:
         extras = row.model_extra or {}
         record: dict[str, Any] = {"input": row.input, "reference": row.reference}
-        record.update((column, extras.get(column)) for column in extra_columns)
+        record.update((column, extras.get(column)) for column in layout.extra)
         for label in results.candidates:
             out = row.outputs.get(label)
             record[label] = out.output if out else None
-            for metric in scores[label]:
+            for metric in layout.scores[label]:
                 value = out.scores.get(metric) if out else None
                 record[f"{label}/{metric}"] = float("nan") if value is None else value
-            if label in with_errors:
+            if label in layout.with_errors:
                 record[f"{label}/error"] = out.error if out else None
             record[f"{label}/thumbs_up"] = out.ratings.up if out else 0
             record[f"{label}/thumbs_down"] = out.ratings.down if out else 0

@@ -6,7 +6,11 @@ so the two always agree.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shared.schemas import ComparisonResults
 
 _ROW_KEYS = ("index", "input", "reference", "outputs")
 
@@ -68,3 +72,42 @@ def side_by_side(
         entry["outputs"] = per_candidate
         table.append(entry)
     return table
+
+
+@dataclass(frozen=True)
+class ResultColumns:
+    """The columns of a results table, one rule for ``?format=csv`` and the client's DataFrame:
+    the dataset's columns besides input and reference, then per candidate its output, a score
+    column per metric it was scored on, ``<label>/error`` when one of its rows failed, and the
+    people's ratings."""
+
+    extra: list[str]
+    scores: dict[str, list[str]]
+    with_errors: frozenset[str]
+
+    def of_candidate(self, label: str) -> list[str]:
+        return [
+            label,
+            *(f"{label}/{metric}" for metric in self.scores[label]),
+            *([f"{label}/error"] if label in self.with_errors else []),
+            f"{label}/thumbs_up",
+            f"{label}/thumbs_down",
+            f"{label}/comments",
+        ]
+
+
+def result_columns(results: ComparisonResults) -> ResultColumns:
+    extra: dict[str, None] = {}
+    scores: dict[str, dict[str, None]] = {label: {} for label in results.candidates}
+    with_errors: set[str] = set()
+    for row in results.rows:
+        extra.update(dict.fromkeys(row.model_extra or {}))
+        for label, out in row.outputs.items():
+            scores.setdefault(label, {}).update(dict.fromkeys(out.scores))
+            if out.error is not None:
+                with_errors.add(label)
+    return ResultColumns(
+        extra=list(extra),
+        scores={label: list(names) for label, names in scores.items()},
+        with_errors=frozenset(with_errors),
+    )

@@ -18,7 +18,7 @@ from services.api.queue import Publisher, QueueUnavailable
 from services.api.validation import validate_comparison
 from shared.metrics import metric_registry
 from shared.records import CandidateRecord, ComparisonRecord
-from shared.results import side_by_side
+from shared.results import result_columns, side_by_side
 from shared.schemas import (
     AuditRead,
     CandidateState,
@@ -218,16 +218,27 @@ def comparison_results(
     *, comparison_id: str, store: ComparisonStore, principal: Principal
 ) -> ComparisonResults:
     record = load_owned(store, comparison_id, principal)
-    labels = record.labels
+    return results_of(store, comparison_id, record.status, record.labels, store.ratings(comparison_id))
+
+
+def results_of(
+    store: ComparisonStore,
+    comparison_id: str,
+    status: ComparisonStatus,
+    labels: list[str],
+    ratings: list[dict[str, Any]],
+) -> ComparisonResults:
+    """Every row with each candidate's output, scores and ``ratings`` (``store.ratings``), for a
+    comparison whose ownership the caller has checked."""
     table = side_by_side(
         store.rows(comparison_id),
         labels,
         {label: store.outputs(comparison_id, label) for label in labels},
-        ratings=store.ratings(comparison_id),
+        ratings=ratings,
     )
     return ComparisonResults(
         id=comparison_id,
-        status=record.status,
+        status=status,
         candidates=labels,
         rows=[ResultRow.model_validate(row) for row in table],
     )
@@ -238,26 +249,10 @@ def results_csv(results: ComparisonResults) -> str:
     its scores, ``<label>/error`` when one of its rows has no output because its request failed
     (the same rule as the client's DataFrame) and people's ratings (thumbs up, thumbs down,
     comments as "rater: text" lines)."""
-    extra_columns: list[str] = []
-    for row in results.rows:
-        for key in row.model_extra or {}:
-            if key not in extra_columns:
-                extra_columns.append(key)
-    score_names: dict[str, list[str]] = {label: [] for label in results.candidates}
-    with_errors: set[str] = set()
-    for row in results.rows:
-        for label, out in row.outputs.items():
-            for metric in out.scores:
-                if metric not in score_names[label]:
-                    score_names[label].append(metric)
-            if out.error is not None:
-                with_errors.add(label)
-    header = ["index", "input", "reference", *extra_columns]
+    columns = result_columns(results)
+    header = ["index", "input", "reference", *columns.extra]
     for label in results.candidates:
-        header.append(label)
-        header += [f"{label}/{metric}" for metric in score_names[label]]
-        header += [f"{label}/error"] if label in with_errors else []
-        header += [f"{label}/thumbs_up", f"{label}/thumbs_down", f"{label}/comments"]
+        header += columns.of_candidate(label)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow([_csv_safe(name) for name in header])
@@ -267,13 +262,13 @@ def results_csv(results: ComparisonResults) -> str:
             row.index,
             row.input,
             row.reference or "",
-            *(extras.get(c, "") for c in extra_columns),
+            *(extras.get(c, "") for c in columns.extra),
         ]
         for label in results.candidates:
             out = row.outputs[label]
             line.append(out.output if out.output is not None else "")
-            line += [_blank_none(out.scores.get(metric)) for metric in score_names[label]]
-            line += [out.error or ""] if label in with_errors else []
+            line += [_blank_none(out.scores.get(metric)) for metric in columns.scores[label]]
+            line += [out.error or ""] if label in columns.with_errors else []
             line += [
                 out.ratings.up,
                 out.ratings.down,

@@ -112,7 +112,8 @@ def check_json_shape(text: str, field: str, *, max_containers: int, too_many: st
             depth -= 1
 
 
-def _validated(data: Any) -> ComparisonCreate:
+def validated_spec(data: Any) -> ComparisonCreate:
+    """The submission as a ComparisonCreate, or InvalidComparison naming every field at fault."""
     try:
         return ComparisonCreate.model_validate(data)
     except ValidationError as exc:
@@ -131,7 +132,7 @@ def parse_json_submission(body: bytes, settings: Settings) -> ComparisonCreate:
         too_many=f"a comparison holds at most {settings.max_rows} rows (MAX_ROWS), each a flat "
         f"object, and {settings.max_candidates} candidates (MAX_CANDIDATES): split the dataset",
     )
-    return _validated(_loads(text, "body"))
+    return validated_spec(_loads(text, "body"))
 
 
 def parse_upload_submission(
@@ -152,7 +153,7 @@ def parse_upload_submission(
         raise _refuse("spec.dataset", "give the dataset either inline or as the uploaded file, not both")
     rows = parse_dataset_file(filename, content, max_rows=settings.max_rows, max_columns=settings.max_columns)
     data["dataset"] = {"rows": rows}
-    return _validated(data)
+    return validated_spec(data)
 
 
 def parse_dataset_file(

@@ -11,13 +11,13 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from services.api import quotas, service
 from services.api.auth import COOKIE, Principal, identify
 from services.api.deps import PublisherDep, SettingsDep, StoreDep, get_settings
-from services.api.errors import ApiError, FieldProblem, InvalidComparison, problems_from_errors
+from services.api.errors import ApiError, FieldProblem, InvalidComparison
+from services.api.uploads import validated_spec
 from services.api.web import views
 from services.api.web.charts import fmt
 from services.api.web.forms import (
@@ -31,7 +31,7 @@ from services.api.web.forms import (
     state_from_form,
 )
 from shared.apikeys import Role, matches, parse_key_id
-from shared.schemas import ComparisonCreate, ComparisonStatus
+from shared.schemas import ComparisonStatus
 
 WEB = Path(__file__).resolve().parent
 STATIC = WEB / "static"
@@ -264,6 +264,8 @@ async def submit_comparison_form(
     if isinstance(upload_field, UploadFile) and upload_field.filename:
         upload = (upload_field.filename, await upload_field.read())
     try:
+        # Before the dataset is parsed, as for the API: a flood costs a Redis round trip each.
+        await run_in_threadpool(quotas.check_rate, user, store=store, settings=settings)
         # Parsing a pasted or uploaded dataset is CPU work: off the event loop, within the limits.
         data = await run_in_threadpool(
             spec_from_state, state, upload, max_rows=settings.max_rows, max_columns=settings.max_columns
@@ -271,11 +273,7 @@ async def submit_comparison_form(
         if upload is not None:
             # The browser cannot refill a file input: keep the uploaded rows in the text box.
             state.values["dataset"] = rows_as_jsonl(data["dataset"]["rows"])
-        try:
-            spec = ComparisonCreate.model_validate(data)
-        except ValidationError as exc:
-            raise InvalidComparison(problems_from_errors(exc.errors())) from None
-        await run_in_threadpool(quotas.check_rate, user, store=store, settings=settings)
+        spec = validated_spec(data)
         created = await run_in_threadpool(
             service.submit_comparison,
             spec=spec,

@@ -113,7 +113,10 @@ def grid_context(
     principal: Principal,
 ) -> dict[str, Any] | None:
     """The side-by-side table and what its controls need, or None before any output exists."""
-    results = service.comparison_results(comparison_id=comparison_id, store=store, principal=principal)
+    # The page has read the comparison (and checked who may see it): read the ratings once.
+    stored_ratings = store.ratings(comparison_id)
+    labels = [c.label for c in comparison.candidates]
+    results = service.results_of(store, comparison_id, comparison.status, labels, stored_ratings)
     if not any(out.output is not None for row in results.rows for out in row.outputs.values()):
         return None
     scored = list(
@@ -154,7 +157,7 @@ def grid_context(
             "comparison": comparison_id,
             "labels": results.candidates,
             "metrics": metric_info,
-            "ratings": store.ratings(comparison_id),
+            "ratings": stored_ratings,
             "succeeded": succeeded,
         },
         "labels": results.candidates,
