@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from shared.store import ComparisonStore  # the store imports schemas, which import this
 
 Scale = Literal["binary", "bounded", "unbounded"]
 SCALES: tuple[str, ...] = ("binary", "bounded", "unbounded")
@@ -332,11 +335,9 @@ DEFAULT_METRICS: list[str] = [name for name, info in METRICS.items() if info.def
 ENDPOINT_USAGE_METRICS = frozenset({"output_tokens", "input_tokens", "tokens_per_second"})
 
 
-def metric_registry(redis_client: Any, prefix: str) -> dict[str, MetricInfo]:
+def metric_registry(store: ComparisonStore) -> dict[str, MetricInfo]:
     """Built-in metrics plus the custom ones that workers have published to Redis."""
-    from shared.store import ComparisonStore  # the store owns the key; it imports schemas
-
-    published = ComparisonStore(redis_client, prefix=prefix).published_custom_metrics()
+    published = store.published_custom_metrics()
     known = {f.name for f in fields(MetricInfo)}
     custom = {}
     for name, raw in published.items():

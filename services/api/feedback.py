@@ -269,7 +269,7 @@ def read_votes(*, comparison_id: str, store: ComparisonStore, principal: Princip
 
     encoded = encode_votes(votes, succeeded, record.rows)
     judge_ranking = record.judge_ranking
-    registry = metric_registry(store.r, store.prefix)
+    registry = metric_registry(store)
     metrics = [m for m in record.spec.metrics if m in registry]
     scores: dict[str, dict[str, list[Any]]] = {metric: {} for metric in metrics}
     if metrics and votes:

@@ -46,7 +46,7 @@ def submit_comparison(
     settings: Settings,
     principal: Principal,
 ) -> ComparisonRead:
-    registry = metric_registry(store.r, store.prefix)
+    registry = metric_registry(store)
     metrics = validate_comparison(spec, settings, registry)
     quotas.check_size(spec, metrics=metrics, registry=registry, settings=settings)
     quotas.check_running(principal, store=store, settings=settings)

@@ -77,13 +77,13 @@ class TestRegistry:
         ComparisonStore(redis_client, prefix=redis_prefix).publish_custom_metrics(
             {"share_cited": json.dumps(published.as_dict())}
         )
-        registry = metric_registry(redis_client, redis_prefix)
+        registry = metric_registry(ComparisonStore(redis_client, prefix=redis_prefix))
         assert registry["share_cited"] == published
         assert registry["exact_match"] is METRICS["exact_match"]
 
     def test_an_entry_from_a_worker_without_scales_reads_as_unbounded(self, redis_client, redis_prefix):
         old = {"name": "legacy", "description": "d", "greater_is_better": False, "custom": True}
         ComparisonStore(redis_client, prefix=redis_prefix).publish_custom_metrics({"legacy": json.dumps(old)})
-        info = metric_registry(redis_client, redis_prefix)["legacy"]
+        info = metric_registry(ComparisonStore(redis_client, prefix=redis_prefix))["legacy"]
         assert (info.scale, info.min_value, info.max_value) == ("unbounded", None, None)
         assert info.greater_is_better is False

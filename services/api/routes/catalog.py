@@ -67,5 +67,5 @@ def list_metrics(store: StoreDep) -> list[MetricRead]:
             min_value=info.min_value,
             max_value=info.max_value,
         )
-        for info in metric_registry(store.r, store.prefix).values()
+        for info in metric_registry(store).values()
     ]

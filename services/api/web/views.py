@@ -30,7 +30,7 @@ ACTIVE = (ComparisonStatus.queued, ComparisonStatus.running)
 
 
 def registry(store: ComparisonStore) -> dict[str, MetricInfo]:
-    return metric_registry(store.r, store.prefix)
+    return metric_registry(store)
 
 
 def example_state() -> FormState:
