@@ -375,6 +375,23 @@ class ComparisonStore:
             pipe.hgetall(self._key(comparison_id, "cand", label))
         return [_decode_candidate(data) for data in pipe.execute() if data]
 
+    def many(self, comparison_ids: list[str]) -> list[tuple[ComparisonRecord, list[CandidateRecord]]]:
+        """Records with their candidates for a page of ids in two round trips, however long the
+        page; ids whose record has expired meanwhile are left out."""
+        pipe = self.r.pipeline(transaction=False)
+        for comparison_id in comparison_ids:
+            pipe.hgetall(self._key(comparison_id))
+        records = [_decode_comparison(data) for data in pipe.execute() if data]
+        pipe = self.r.pipeline(transaction=False)
+        for record in records:
+            for label in record.labels:
+                pipe.hgetall(self._key(record.id, "cand", label))
+        found = iter(pipe.execute())
+        return [
+            (record, [_decode_candidate(data) for data in [next(found) for _ in record.labels] if data])
+            for record in records
+        ]
+
     def outputs(self, comparison_id: str, label: str) -> list[dict[str, Any]] | None:
         raw = self.r.get(self._key(comparison_id, "out", label))
         return json.loads(raw) if raw is not None else None

@@ -172,15 +172,7 @@ def list_comparisons(
         ids, total = store.list_ids(status=status, limit=limit, offset=offset)
     else:
         ids, total = store.list_owned_ids(owner=principal.name, status=status, limit=limit, offset=offset)
-    items = []
-    for comparison_id in ids:
-        try:
-            record = store.get(comparison_id)
-            items.append(
-                _to_read(record, store.candidates(comparison_id, record.labels), settings, principal)
-            )
-        except ComparisonNotFound:  # expired between the index read and now
-            continue
+    items = [_to_read(record, candidates, settings, principal) for record, candidates in store.many(ids)]
     return ComparisonPage(items=items, total=total, limit=limit, offset=offset)
 
 

@@ -67,3 +67,14 @@ def test_a_member_that_names_no_comparison_is_pruned(store):
     store.r.zadd(store._index, {"x:rows": datetime.now(UTC).timestamp()})
     assert store.list_ids(status=None, limit=10, offset=0) == (["c1"], 1)
     assert store.r.zrange(store._index, 0, -1) == ["c1"]
+
+
+def test_a_page_of_records_with_their_candidates_skips_what_expired(store):
+    for cid in ("c1", "c2", "c3"):
+        make(store, cid)
+    store.set_progress("c3", "b", done=1, total=1, tokens_per_second=None)
+    store.r.delete(store._key("c2"))  # expired between the index read and this one
+    page = store.many(["c3", "c2", "c1"])
+    assert [record.id for record, _ in page] == ["c3", "c1"]
+    assert [[c.label for c in candidates] for _, candidates in page] == [["a", "b"], ["a", "b"]]
+    assert page[0][1][1].done == 1 and page[1][1][1].done == 0
