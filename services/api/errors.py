@@ -14,6 +14,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = structlog.get_logger()
@@ -67,11 +68,12 @@ class ApiError(Exception):
         }
 
 
-class InvalidComparison(ApiError):
+class InvalidRequest(ApiError):
     status_code = 422
     code = "invalid_request"
-    # What the refusal means for the client, before the first problems.
-    outcome = "The comparison was not queued."
+    # What the refusal means for the client, before the first problems; a route whose requests
+    # change something says what was not done (refusing_route).
+    outcome = "The request was refused."
 
     def __init__(self, fields: Sequence[FieldProblem]):
         summary = "; ".join(
@@ -81,6 +83,22 @@ class InvalidComparison(ApiError):
         if len(fields) > MAX_PROBLEMS:
             more += f"; the first {MAX_PROBLEMS} are listed"
         super().__init__(f"{self.outcome} {summary}{more}", fields=fields)
+
+
+class InvalidComparison(InvalidRequest):
+    outcome = "The comparison was not queued."
+
+
+def refusing_route(refusal: type[InvalidRequest]) -> type[APIRoute]:
+    """A route class whose malformed requests that change something (not GET or HEAD) are
+    refused with ``refusal``, saying what was not done; others get the neutral InvalidRequest."""
+    return type(f"{refusal.__name__}Route", (APIRoute,), {"refusal": refusal})
+
+
+def _refusal(request: Request) -> type[InvalidRequest]:
+    if request.method in ("GET", "HEAD"):
+        return InvalidRequest
+    return getattr(request.scope.get("route"), "refusal", InvalidRequest)
 
 
 class PayloadTooLarge(ApiError):
@@ -133,11 +151,18 @@ def _validation_message(error: Mapping[str, Any]) -> str:
     return message
 
 
+def _problem(error: Mapping[str, Any]) -> FieldProblem:
+    if error.get("type") == "json_invalid":
+        # FastAPI's refusal of a body that is not JSON locates it at the character it stopped on.
+        return FieldProblem("body", "not valid JSON: send a JSON object")
+    return FieldProblem(format_loc(error.get("loc", ())), _validation_message(error))
+
+
 def problems_from_errors(errors: Sequence[Mapping[str, Any]]) -> list[FieldProblem]:
     if len(errors) <= MAX_PROBLEMS:
-        return [FieldProblem(format_loc(e.get("loc", ())), _validation_message(e)) for e in errors]
+        return [_problem(e) for e in errors]
     shown = MAX_PROBLEMS - 1
-    problems = [FieldProblem(format_loc(e.get("loc", ())), _validation_message(e)) for e in errors[:shown]]
+    problems = [_problem(e) for e in errors[:shown]]
     problems.append(FieldProblem("body", f"{len(errors) - shown} more problems not listed"))
     return problems
 
@@ -162,8 +187,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers or None)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        error = InvalidComparison(problems_from_errors(exc.errors()))
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        error = _refusal(request)(problems_from_errors(exc.errors()))
         return JSONResponse(error.body(), status_code=error.status_code)
 
     @app.exception_handler(StarletteHTTPException)
@@ -171,7 +196,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and exc.detail == _FASTAPI_BAD_JSON:
             # FastAPI's own answer to a body that is not JSON; every other refusal of a body is a
             # 422 naming the field, so this one is too.
-            error = InvalidComparison([FieldProblem("body", "not valid JSON: send a JSON object")])
+            error = _refusal(request)([FieldProblem("body", "not valid JSON: send a JSON object")])
             return JSONResponse(error.body(), status_code=error.status_code)
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:

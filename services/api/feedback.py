@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from services.api.auth import Principal
-from services.api.errors import Conflict, FieldProblem, InvalidComparison
+from services.api.errors import Conflict, FieldProblem, InvalidRequest
 from services.api.queue import Publisher, QueueUnavailable
 from services.api.service import load_owned
 from shared.arena import draw_matchup, encode_votes, judge_agreement, metric_agreement
@@ -44,7 +44,7 @@ log = structlog.get_logger()
 OPEN_STATUSES = frozenset({ComparisonStatus.succeeded, ComparisonStatus.partially_failed})
 
 
-class InvalidFeedback(InvalidComparison):
+class InvalidFeedback(InvalidRequest):
     outcome = "Nothing was recorded."
 
 

@@ -236,3 +236,24 @@ class TestRatings:
         running = write_comparison(store, status=ComparisonStatus.running)
         response = http.post(f"/v1/comparisons/{running}/ratings", json={"row": 0, "label": "alpha"})
         assert response.status_code == 409 and set(problems(response)) == {"status"}
+
+
+class TestRefusalsSayWhatWasNotDone:
+    """The words before the problems fit the request: a vote or rating was not recorded, a
+    submission was not queued, a malformed read was refused."""
+
+    def test_a_vote_that_is_not_json(self, http, cid):
+        response = http.post(
+            f"/v1/comparisons/{cid}/votes", content=b"{not json", headers={"Content-Type": "application/json"}
+        )
+        assert invalid(response) == {"body": "not valid JSON: send a JSON object"}
+
+    def test_a_submission_with_a_malformed_header(self, http):
+        response = http.post("/v1/comparisons", json={}, headers={"Idempotency-Key": "x" * 300})
+        assert response.status_code == 422, response.text
+        assert response.json()["message"].startswith("The comparison was not queued.")
+
+    def test_a_list_with_a_bad_query(self, http):
+        response = http.get("/v1/comparisons", params={"limit": 0})
+        assert response.status_code == 422, response.text
+        assert response.json()["message"].startswith("The request was refused. limit:")

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from services.api import quotas, service, webhooks
 from services.api.auth import AUTH_RESPONSES, ReaderDep, SubmitterDep
 from services.api.deps import PublisherDep, SettingsDep, StoreDep
-from services.api.errors import FieldProblem, InvalidComparison, UnsupportedMediaType
+from services.api.errors import FieldProblem, InvalidComparison, UnsupportedMediaType, refusing_route
 from services.api.events import comparison_events
 from services.api.uploads import parse_json_submission, parse_upload_submission
 from shared.schemas import (
@@ -31,6 +31,7 @@ from shared.settings import Settings
 router = APIRouter(
     prefix="/v1/comparisons",
     tags=["comparisons"],
+    route_class=refusing_route(InvalidComparison),
     responses={
         **AUTH_RESPONSES,
         404: {"model": ErrorRead, "description": "No such comparison"},

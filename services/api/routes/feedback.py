@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
-from typing import Any
-
-from fastapi import APIRouter, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
+from fastapi import APIRouter
 
 from services.api import feedback
 from services.api.auth import AUTH_RESPONSES, ReaderDep, SubmitterDep
 from services.api.deps import PublisherDep, StoreDep
-from services.api.errors import problems_from_errors
+from services.api.errors import refusing_route
 from shared.schemas import (
     ErrorRead,
     MatchupCreate,
@@ -25,27 +20,10 @@ from shared.schemas import (
     VotesRead,
 )
 
-
-class FeedbackRoute(APIRoute):
-    """Report a malformed vote or rating as "nothing was recorded", not with the submission
-    wording the app-wide validation handler uses."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                raise feedback.InvalidFeedback(problems_from_errors(exc.errors())) from None
-
-        return route
-
-
 router = APIRouter(
     prefix="/v1/comparisons",
     tags=["human evaluation"],
-    route_class=FeedbackRoute,
+    route_class=refusing_route(feedback.InvalidFeedback),
     responses={
         **AUTH_RESPONSES,
         404: {"model": ErrorRead, "description": "No such comparison"},
