@@ -19,8 +19,7 @@ import os
 import socket
 import threading
 import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +60,7 @@ from services.worker.remote_scoring import (
 )
 from services.worker.response_cache import ResponseCache, cache_keys
 from services.worker.stats import paired_compare
+from services.worker.step_task import Dispatch, HandOff, candidate_lease, dispatch_step
 from services.worker.summary import build_summary, render_html
 from shared.metrics import METRICS, MetricInfo
 from shared.records import CandidateRecord, ComparisonSpec
@@ -76,7 +76,6 @@ from shared.tasks import FINALIZE_COMPARISON, GENERATE_REMOTE, RUN_CANDIDATE
 
 log = structlog.get_logger()
 
-Dispatch = Callable[[str, dict[str, Any], str], None]
 _MAX_PARAM_CHARS = 6000
 
 
@@ -125,25 +124,6 @@ def queue_candidate(ctx: WorkerContext, comparison_id: str, label: str) -> str:
     name = GENERATE_REMOTE if awaits_generation(ctx.store, comparison_id, label) else RUN_CANDIDATE
     task_id = dispatch_step(ctx, name, comparison_id, label, {"label": label})
     ctx.store.record_task(comparison_id, label, task_id)
-    return task_id
-
-
-def dispatch_step(
-    ctx: WorkerContext,
-    name: str,
-    comparison_id: str,
-    step: str,
-    extra: dict[str, Any] | None = None,
-) -> str:
-    task_id = uuid.uuid4().hex
-    ctx.dispatch(name, {"comparison_id": comparison_id, **(extra or {})}, task_id)
-    # Until it shows up in the queue or takes its lease, the reconciler must not take it for lost.
-    ctx.store.expect_task(
-        comparison_id,
-        step,
-        task_id,
-        within_s=ctx.settings.reconcile_grace_s + 2 * ctx.settings.reconcile_interval_s,
-    )
     return task_id
 
 
@@ -197,18 +177,6 @@ def emit_event(ctx: WorkerContext, comparison_id: str, event: str, *, label: str
 
 
 # ------------------------------------------------------------------------------------ candidate
-class CandidateBusy(Exception):
-    """Another delivery of this candidate holds its lease: try again once it could have lapsed."""
-
-    def __init__(self, message: str, *, retry_in_s: float):
-        super().__init__(message)
-        self.retry_in_s = retry_in_s
-
-
-class HandOff(Exception):
-    """This worker is shutting down: give the candidate back to the queue for another worker."""
-
-
 # Set in a worker whose pool runs tasks in its main process (solo, for GPUs) when it is asked to
 # shut down; prefork workers stop their children through Celery's soft shutdown instead.
 HAND_OFF = threading.Event()
@@ -220,15 +188,10 @@ def run_candidate(ctx: WorkerContext, comparison_id: str, label: str) -> str:
         # An endpoint candidate queued here before the I/O workers generated it: they go first.
         queue_candidate(ctx, comparison_id, label)
         return "generating"
-    lease = Lease(store.r, store.lease_key(comparison_id, label), ttl_s=ctx.settings.candidate_lease_s)
-    if not lease.acquire():
-        state = store.candidate(comparison_id, label).status
-        if state in FINAL_CANDIDATE_STATES:
-            candidate_ended(ctx, comparison_id, label)
-            return state.value
-        raise CandidateBusy(
-            f"candidate {label} is held by {lease.holder()}", retry_in_s=lease.seconds_left() + 1
-        )
+    lease = candidate_lease(store, ctx.settings, comparison_id, label)
+    if not isinstance(lease, Lease):
+        candidate_ended(ctx, comparison_id, label)
+        return lease.value
     with lease.kept_alive():
         starts = store.begin_attempt(comparison_id, label)
         try:

@@ -45,6 +45,7 @@ import structlog
 
 from services.worker import pipeline
 from services.worker.locks import CandidateWriter, Lease
+from services.worker.step_task import dispatch_step
 from shared.schemas import FINAL_CANDIDATE_STATES, CandidateState, ComparisonStatus
 from shared.store import FINALIZE_STEP, START_STEP, ComparisonNotFound
 from shared.tasks import FINALIZE_COMPARISON, GENERATE_REMOTE, RUN_CANDIDATE, START_COMPARISON
@@ -156,7 +157,7 @@ def reconcile_comparison(
             )
             act(START_STEP, "failed the comparison")
         else:
-            pipeline.dispatch_step(ctx, START_COMPARISON, comparison_id, START_STEP)
+            dispatch_step(ctx, START_COMPARISON, comparison_id, START_STEP)
             act(START_STEP, "queued again")
 
     started = status is not ComparisonStatus.queued and bool(record.parent_run_id)
@@ -216,7 +217,7 @@ def reconcile_comparison(
             act(FINALIZE_STEP, "ended the comparison as failed")
         else:
             store.claim_finalize(comparison_id)
-            pipeline.dispatch_step(ctx, FINALIZE_COMPARISON, comparison_id, FINALIZE_STEP)
+            dispatch_step(ctx, FINALIZE_COMPARISON, comparison_id, FINALIZE_STEP)
             act(FINALIZE_STEP, "queued again")
     return actions
 

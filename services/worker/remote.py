@@ -33,7 +33,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn
@@ -43,17 +42,17 @@ import structlog
 
 from services.worker.cache_keys import row_keys
 from services.worker.locks import CandidateWriter, Lease
+from services.worker.step_task import Dispatch, HandOff, candidate_lease, dispatch_step
 from shared.backoff import backoff_seconds, parse_retry_after
 from shared.endpoints import EndpointConfig, parse_endpoint_model
 from shared.prompts import render_user_text
-from shared.schemas import FINAL_CANDIDATE_STATES, CandidateSpec, CandidateState, ComparisonStatus
+from shared.schemas import CandidateSpec, CandidateState, ComparisonStatus
 from shared.settings import Settings
 from shared.store import ComparisonStore, utcnow
 from shared.tasks import RUN_CANDIDATE
 
 log = structlog.get_logger()
 
-Dispatch = Callable[[str, dict[str, Any], str], None]
 
 # Set when this I/O worker is shutting down: running generations stop sending and give their
 # candidate back to the queue (rows already answered are in the response cache).
@@ -544,29 +543,11 @@ class RemoteContext:
     dispatch: Dispatch
 
 
-class RemoteBusy(Exception):
-    """Another delivery holds the candidate's lease: try again once it could have lapsed."""
-
-    def __init__(self, message: str, *, retry_in_s: float):
-        super().__init__(message)
-        self.retry_in_s = retry_in_s
-
-
-class HandOff(Exception):
-    """This I/O worker is shutting down: give the candidate back to the queue."""
-
-
 def generate_remote(ctx: RemoteContext, comparison_id: str, label: str) -> str:
     """Generate an endpoint candidate's rows and hand it to its scoring step. Returns what happened."""
-    store = ctx.store
-    lease = Lease(store.r, store.lease_key(comparison_id, label), ttl_s=ctx.settings.candidate_lease_s)
-    if not lease.acquire():
-        state = store.candidate(comparison_id, label).status
-        if state in FINAL_CANDIDATE_STATES:
-            return state.value
-        raise RemoteBusy(
-            f"candidate {label} is held by {lease.holder()}", retry_in_s=lease.seconds_left() + 1
-        )
+    lease = candidate_lease(ctx.store, ctx.settings, comparison_id, label)
+    if not isinstance(lease, Lease):
+        return lease.value
     with lease.kept_alive():
         outcome = _generate_locked(ctx, comparison_id, label, lease)
     # Once the lease is free, so that the scoring step finds it so. A process that dies right
@@ -578,14 +559,7 @@ def generate_remote(ctx: RemoteContext, comparison_id: str, label: str) -> str:
 def hand_to_scoring(ctx: RemoteContext, comparison_id: str, label: str) -> str:
     """Queue the candidate's scoring step on the model workers' queue (which also ends it when it
     was cancelled or its generation failed), the way pipeline.queue_candidate does."""
-    task_id = uuid.uuid4().hex
-    ctx.dispatch(RUN_CANDIDATE, {"comparison_id": comparison_id, "label": label}, task_id)
-    ctx.store.expect_task(
-        comparison_id,
-        label,
-        task_id,
-        within_s=ctx.settings.reconcile_grace_s + 2 * ctx.settings.reconcile_interval_s,
-    )
+    task_id = dispatch_step(ctx, RUN_CANDIDATE, comparison_id, label, {"label": label})
     ctx.store.record_task(comparison_id, label, task_id)
     return task_id
 

@@ -11,17 +11,12 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-import structlog
-from celery.exceptions import Reject
-
 from services.worker import remote
-from services.worker.errors import describe, retry_while_busy
+from services.worker.errors import describe
 from services.worker.io_app import app, dispatch, io_store
 from services.worker.step_task import StepTask
 from shared.settings import get_settings
 from shared.tasks import GENERATE_REMOTE
-
-log = structlog.get_logger()
 
 
 @lru_cache(maxsize=1)
@@ -41,17 +36,11 @@ class GenerateRemote(StepTask):
         return kwargs["label"]
 
     def run(self, comparison_id: str, label: str) -> str:
-        try:
-            return remote.generate_remote(context(), comparison_id, label)
-        except remote.RemoteBusy as exc:
-            retry = retry_while_busy(self, exc, exc.retry_in_s)
-            if retry is None:
-                log.info("remote.busy_dropped", comparison_id=comparison_id, label=label)
-                return "busy"
-            raise retry from exc
-        except remote.HandOff as exc:
-            log.info("remote.handed_back", comparison_id=comparison_id, label=label)
-            raise Reject("I/O worker shutting down", requeue=True) from exc
+        return self.run_candidate_step(
+            lambda: remote.generate_remote(context(), comparison_id, label),
+            comparison_id=comparison_id,
+            label=label,
+        )
 
     def give_up(self, ctx: remote.RemoteContext, exc: BaseException, kwargs: dict[str, Any]) -> None:
         comparison_id, label = str(kwargs.get("comparison_id")), str(kwargs.get("label"))

@@ -8,23 +8,80 @@ torch or mlflow.
 from __future__ import annotations
 
 import numbers
+import uuid
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
 from billiard.einfo import ExceptionInfo
 from celery import Task
+from celery.exceptions import Reject
 
-from services.worker.errors import TRANSIENT_ERRORS, describe
-from shared.settings import get_settings
+from services.worker.errors import TRANSIENT_ERRORS, describe, retry_while_busy
+from services.worker.locks import Lease
+from shared.schemas import FINAL_CANDIDATE_STATES, CandidateState
+from shared.settings import Settings, get_settings
 from shared.store import ComparisonNotFound, ComparisonStore, LeaseLost
 
 log = structlog.get_logger()
 
 RETRY_BACKOFF_MAX_S = 60
 
+# Sends a task: its name, its kwargs and the task id chosen for it.
+Dispatch = Callable[[str, dict[str, Any], str], None]
+
 
 class StepContext(Protocol):
-    store: ComparisonStore
+    """What a step needs of its process's context (WorkerContext, RemoteContext)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def store(self) -> ComparisonStore: ...
+
+    @property
+    def dispatch(self) -> Dispatch: ...
+
+
+class StepBusy(Exception):
+    """Another delivery of this step holds its lease: try again once it could have lapsed."""
+
+    def __init__(self, message: str, *, retry_in_s: float):
+        super().__init__(message)
+        self.retry_in_s = retry_in_s
+
+
+class HandOff(Exception):
+    """This worker is shutting down: give the step back to the queue for another worker."""
+
+
+def candidate_lease(
+    store: ComparisonStore, settings: Settings, comparison_id: str, label: str
+) -> Lease | CandidateState:
+    """The candidate's lease, or its final state when it has ended; raises StepBusy while another
+    delivery holds it (which may be a process that just died: its lease lapses soon)."""
+    lease = Lease(store.r, store.lease_key(comparison_id, label), ttl_s=settings.candidate_lease_s)
+    if lease.acquire():
+        return lease
+    state = store.candidate(comparison_id, label).status
+    if state in FINAL_CANDIDATE_STATES:
+        return state
+    raise StepBusy(f"candidate {label} is held by {lease.holder()}", retry_in_s=lease.seconds_left() + 1)
+
+
+def dispatch_step(
+    ctx: StepContext, name: str, comparison_id: str, step: str, extra: dict[str, Any] | None = None
+) -> str:
+    """Send the step's task; returns its id. Until it shows up in the queue or takes its lease,
+    the reconciler must not take it for lost."""
+    task_id = uuid.uuid4().hex
+    ctx.dispatch(name, {"comparison_id": comparison_id, **(extra or {})}, task_id)
+    settings = ctx.settings
+    ctx.store.expect_task(
+        comparison_id, step, task_id, within_s=settings.reconcile_grace_s + 2 * settings.reconcile_interval_s
+    )
+    return task_id
 
 
 class StepTask(Task):
@@ -54,6 +111,23 @@ class StepTask(Task):
 
     def give_up(self, ctx: Any, exc: BaseException, kwargs: dict[str, Any]) -> None:
         """End the job visibly after this task failed for good."""
+
+    def run_candidate_step(self, step: Callable[[], str], *, comparison_id: str, label: str) -> str:
+        """Run a candidate's step: while another delivery holds its lease, check back once the
+        lease could have lapsed (for as long as a candidate may run); on shutdown, put the
+        message back on the queue for another worker."""
+        try:
+            return step()
+        except StepBusy as exc:
+            retry = retry_while_busy(self, exc, exc.retry_in_s)
+            if retry is None:
+                # The holder is alive and still running it; if it dies, the reconciler takes over.
+                log.info("candidate.busy_dropped", task=self.name, comparison_id=comparison_id, label=label)
+                return "busy"
+            raise retry from exc
+        except HandOff as exc:
+            log.info("candidate.handed_off", task=self.name, comparison_id=comparison_id, label=label)
+            raise Reject("worker shutting down", requeue=True) from exc
 
     def on_retry(
         self, exc: Exception, task_id: str, args: Any, kwargs: dict[str, Any], einfo: ExceptionInfo

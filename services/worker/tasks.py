@@ -9,20 +9,17 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-import structlog
-from celery.exceptions import Reject, TimeLimitExceeded
+from celery.exceptions import TimeLimitExceeded
 
 from services.worker import feedback, pipeline
 from services.worker.celery_app import app
 from services.worker.custom_metrics import load_custom_metrics
-from services.worker.errors import describe, retry_while_busy
+from services.worker.errors import describe
 from services.worker.models import shared_model_cache
 from services.worker.step_task import StepTask
 from shared.settings import get_settings
 from shared.store import FINALIZE_STEP, START_STEP, ComparisonStore
 from shared.tasks import FINALIZE_COMPARISON, LOG_FEEDBACK, RUN_CANDIDATE, START_COMPARISON, queue_for
-
-log = structlog.get_logger()
 
 
 @lru_cache(maxsize=1)
@@ -69,18 +66,11 @@ class RunCandidate(ComparisonTask):
     name = RUN_CANDIDATE
 
     def run(self, comparison_id: str, label: str) -> str:
-        try:
-            return pipeline.run_candidate(context(), comparison_id, label)
-        except pipeline.CandidateBusy as exc:
-            retry = retry_while_busy(self, exc, exc.retry_in_s)
-            if retry is None:
-                log.info("candidate.busy_dropped", comparison_id=comparison_id, label=label)
-                return "busy"
-            raise retry from exc
-        except pipeline.HandOff as exc:
-            # This worker is shutting down: the same message goes back to the queue for another.
-            log.info("candidate.handed_off", comparison_id=comparison_id, label=label)
-            raise Reject("worker shutting down", requeue=True) from exc
+        return self.run_candidate_step(
+            lambda: pipeline.run_candidate(context(), comparison_id, label),
+            comparison_id=comparison_id,
+            label=label,
+        )
 
     def step(self, kwargs: dict[str, Any]) -> str | None:
         return kwargs["label"]

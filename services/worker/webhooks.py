@@ -34,6 +34,7 @@ import httpx
 import structlog
 
 from services.worker.locks import Lease
+from services.worker.step_task import Dispatch
 from shared.records import DeliveryAttempt, DeliveryRecord
 from shared.settings import Settings
 from shared.store import ComparisonStore
@@ -45,7 +46,6 @@ from shared.webhooks import event_body, webhook_id
 
 log = structlog.get_logger()
 
-Dispatch = Callable[[str, dict[str, Any], str], None]
 # target, deadline (time.monotonic()) -> the transport one attempt sends through.
 TransportFactory = Callable[[Target, float], httpx.BaseTransport]
 

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from services.worker import pipeline, reconcile, tasks, tracking
 from services.worker.locks import Lease
 from services.worker.models import ModelCache
+from services.worker.step_task import StepBusy
 from shared.celery_config import celery_config
 from shared.records import CandidateRecord
 from shared.schemas import CandidateState, ComparisonCreate, ComparisonStatus
@@ -277,7 +278,7 @@ class TestRedelivery:
         harness.start(cid)
         holder = Lease(harness.store.r, harness.store.lease_key(cid, "a"), ttl_s=LEASE_S)
         assert holder.acquire()
-        with pytest.raises(pipeline.CandidateBusy) as busy:
+        with pytest.raises(StepBusy) as busy:
             harness.run(harness.dispatch.sent[0])
         assert 1 < busy.value.retry_in_s <= LEASE_S + 1
         assert harness.candidate(cid, "a").status is CandidateState.queued

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from services.worker import remote
+from services.worker.step_task import StepBusy
 from shared.endpoints import EndpointConfig
 from shared.schemas import CandidateSpec, CandidateState, ComparisonCreate, ComparisonStatus
 from shared.settings import Settings
@@ -406,7 +407,7 @@ class TestCacheAndDelivery:
         cid = harness.submit(candidate("chat"), dataset=rows(1))
         holder = harness.store.lease_key(cid, "chat")
         harness.store.r.set(holder, "someone-else", ex=5)
-        with pytest.raises(remote.RemoteBusy) as busy:
+        with pytest.raises(StepBusy) as busy:
             harness.generate(cid, "chat")
         assert 4 <= busy.value.retry_in_s <= 6
         assert server.requests == []
