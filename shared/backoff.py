@@ -38,3 +38,13 @@ def backoff_seconds(attempt: int, *, base_s: float, max_s: float) -> float:
     callers refused together do not come back together."""
     ceiling = min(max_s, base_s * 2**attempt)
     return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def retry_wait(attempt: int, retry_after_s: float | None, *, base_s: float, max_s: float) -> float | None:
+    """The pause before retrying after failed try ``attempt`` (from 0): the back-off, or the
+    server's Retry-After when that is longer; None when the server asked for more than ``max_s``
+    (waiting that long is giving up)."""
+    if retry_after_s is not None and retry_after_s > max_s:
+        return None
+    wait = backoff_seconds(attempt, base_s=base_s, max_s=max_s)
+    return wait if retry_after_s is None else max(wait, retry_after_s)

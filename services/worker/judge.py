@@ -28,7 +28,7 @@ import structlog
 
 # The fit lives in shared/ so the gateway ranks people's votes with the same code; re-exported
 # here for the pairwise judging that uses it.
-from shared.backoff import backoff_seconds, parse_retry_after
+from shared.backoff import parse_retry_after, retry_wait
 from shared.ranking import bradley_terry as bradley_terry
 from shared.settings import Settings
 
@@ -146,14 +146,14 @@ class EndpointJudge:
                 return self._post(client, messages)
             except _Retryable as exc:
                 failure = str(exc)
-                wait = backoff_seconds(attempt, base_s=self.retry_base_s, max_s=self.retry_max_s)
-                if exc.retry_after_s is not None:
-                    if exc.retry_after_s > self.retry_max_s:
-                        raise self._give_up(
-                            f"it asked to retry after {exc.retry_after_s:g} s, longer than "
-                            f"JUDGE_RETRY_MAX_S ({self.retry_max_s:g} s)"
-                        ) from exc
-                    wait = max(wait, exc.retry_after_s)
+                wait = retry_wait(
+                    attempt, exc.retry_after_s, base_s=self.retry_base_s, max_s=self.retry_max_s
+                )
+                if wait is None:
+                    raise self._give_up(
+                        f"it asked to retry after {exc.retry_after_s:g} s, longer than "
+                        f"JUDGE_RETRY_MAX_S ({self.retry_max_s:g} s)"
+                    ) from exc
             if attempt + 1 < attempts:
                 log.info(
                     "judge.retry", judge=self.name, attempt=attempt + 1, wait_s=round(wait, 2), error=failure

@@ -43,7 +43,7 @@ import structlog
 from services.worker.cache_keys import row_keys
 from services.worker.locks import CandidateWriter, Lease
 from services.worker.step_task import Dispatch, HandOff, candidate_lease, dispatch_step
-from shared.backoff import backoff_seconds, parse_retry_after
+from shared.backoff import parse_retry_after, retry_wait
 from shared.endpoints import EndpointConfig, parse_endpoint_model
 from shared.prompts import render_user_text
 from shared.schemas import CandidateSpec, CandidateState, ComparisonStatus
@@ -442,20 +442,19 @@ class EndpointCaller:
                     self.store.endpoint_congested(
                         self.endpoint.name, max_concurrency=self.endpoint.max_concurrency
                     )
-                wait_s = backoff_seconds(
+                wait_s = retry_wait(
                     attempt,
+                    exc.retry_after_s,
                     base_s=self.settings.endpoint_retry_base_s,
                     max_s=self.settings.endpoint_retry_max_s,
                 )
-                if exc.retry_after_s is not None:
-                    if exc.retry_after_s > self.settings.endpoint_retry_max_s:
-                        return RowResult(
-                            output=None,
-                            error=f"{failure}; it asked to retry after {exc.retry_after_s:g} s, longer than "
-                            f"ENDPOINT_RETRY_MAX_S ({self.settings.endpoint_retry_max_s:g} s)",
-                            attempts=attempt + 1,
-                        )
-                    wait_s = max(wait_s, exc.retry_after_s)
+                if wait_s is None:
+                    return RowResult(
+                        output=None,
+                        error=f"{failure}; it asked to retry after {exc.retry_after_s:g} s, longer than "
+                        f"ENDPOINT_RETRY_MAX_S ({self.settings.endpoint_retry_max_s:g} s)",
+                        attempts=attempt + 1,
+                    )
             except RowFailed as exc:
                 return RowResult(output=None, error=str(exc), attempts=attempt + 1)
             else:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from shared.backoff import backoff_seconds, parse_retry_after
+from shared.backoff import backoff_seconds, parse_retry_after, retry_wait
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -40,3 +40,11 @@ def test_back_off_doubles_with_jitter_up_to_the_cap():
         waits = [backoff_seconds(attempt, base_s=1.0, max_s=8.0) for _ in range(200)]
         assert all(ceiling / 2 <= w <= ceiling for w in waits)
         assert len(set(waits)) == 200  # jittered: callers refused together spread out
+
+
+def test_the_wait_before_a_retry_honours_retry_after_up_to_the_cap():
+    random.seed(1)
+    assert 0.5 <= retry_wait(0, None, base_s=1.0, max_s=8.0) <= 1.0  # the back-off alone
+    assert retry_wait(0, 5.0, base_s=1.0, max_s=8.0) == 5.0  # the server's longer wait
+    assert 4.0 <= retry_wait(3, 0.1, base_s=1.0, max_s=8.0) <= 8.0  # the back-off when longer
+    assert retry_wait(0, 8.5, base_s=1.0, max_s=8.0) is None  # longer than the cap: give up
