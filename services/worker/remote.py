@@ -64,6 +64,9 @@ MAX_REPLY_BYTES = 8 * 1024 * 1024
 MAX_THREADS = 64
 # A slot is held at most the request's timeout plus this, then frees itself (a dead worker's).
 SLOT_MARGIN_S = 10.0
+# A thread waiting for a slot asks Redis again after a pause that doubles from MIN to MAX.
+SLOT_POLL_MIN_S = 0.002
+SLOT_POLL_MAX_S = 0.05
 PROGRESS_EVERY_S = 1.0
 # Statuses a server may answer a streaming request it cannot stream with: asked again without.
 _NO_STREAM_STATUSES = {400, 415, 422, 501}
@@ -388,6 +391,7 @@ class EndpointCaller:
                 raise Stopped()
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         try:
+            pause_s = SLOT_POLL_MIN_S
             while not self.store.endpoint_acquire(
                 self.endpoint.name,
                 token,
@@ -396,8 +400,11 @@ class EndpointCaller:
             ):
                 if self.stop.is_set():
                     raise Stopped()
-                # Polled with jitter: a slot freed by any worker is taken within milliseconds.
-                time.sleep(random.uniform(0.002, 0.01))
+                # Polled with jitter, the pause doubling up to SLOT_POLL_MAX_S: a slot freed soon
+                # is taken within milliseconds, and a limit cut by 429s is not met with a storm
+                # of Redis calls from every waiting thread.
+                time.sleep(random.uniform(pause_s / 2, pause_s))
+                pause_s = min(pause_s * 2, SLOT_POLL_MAX_S)
         except BaseException:
             local.release()
             raise
