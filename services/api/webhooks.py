@@ -11,7 +11,7 @@ import structlog
 from services.api.auth import Principal
 from services.api.service import load_owned
 from shared.records import WebhookSecretRecord
-from shared.schemas import DeliveriesRead, DeliveryAttemptRead, DeliveryRead, WebhookSecretRead
+from shared.schemas import DeliveriesRead, DeliveryRead, WebhookSecretRead
 from shared.settings import Settings
 from shared.store import ComparisonStore
 from shared.webhook_store import WebhookStore
@@ -43,26 +43,10 @@ def rotate_secret(*, store: ComparisonStore, settings: Settings, principal: Prin
 
 def list_deliveries(*, comparison_id: str, store: ComparisonStore, principal: Principal) -> DeliveriesRead:
     load_owned(store, comparison_id, principal)
+    # Read field by field from the records: what only the workers need (the body, the key) stays out.
     return DeliveriesRead(
         deliveries=[
-            DeliveryRead.model_validate(
-                {
-                    "webhook_id": d.webhook_id,
-                    "event": d.event,
-                    "label": d.label,
-                    "callback": d.callback,
-                    "url": d.url,
-                    "state": d.state,
-                    "created_at": d.created_at,
-                    "attempts": [
-                        DeliveryAttemptRead(
-                            at=a.at, status_code=a.status_code, error=a.error, duration_ms=a.duration_ms
-                        )
-                        for a in d.attempts
-                    ],
-                    "next_attempt_at": d.next_attempt_at,
-                }
-            )
+            DeliveryRead.model_validate(d, from_attributes=True)
             for d in WebhookStore(store).deliveries(comparison_id)
         ]
     )
