@@ -161,7 +161,7 @@ class Stack:
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.run_dir / f"{name}.log").open("ab")
+        log = self.log_path(name).open("ab")
         proc = subprocess.Popen(
             args, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -227,41 +227,31 @@ class Stack:
         ]
 
     def worker_command(self, name: str) -> list[str]:
-        return [
-            str(VENV_BIN / "celery"),
-            "-A",
-            "services.worker.celery_app",
-            "worker",
-            "--loglevel",
-            "INFO",
-            "--pool",
-            "prefork",
-            "--concurrency",
-            str(self.worker_concurrency),
-            "--hostname",
-            f"{name}-{self.queue_name}@%h",
-            "--queues",
-            self.queue_name,
-            "--without-gossip",
-            "--without-mingle",
-        ]
+        return self._celery_worker(
+            "services.worker.celery_app", "prefork", self.worker_concurrency, self.queue_name, name
+        )
 
     def io_worker_command(self, name: str) -> list[str]:
+        return self._celery_worker(
+            "services.worker.io_app", "threads", self.io_worker_concurrency, f"{self.queue_name}.io", name
+        )
+
+    def _celery_worker(self, app: str, pool: str, concurrency: int, queue: str, name: str) -> list[str]:
         return [
             str(VENV_BIN / "celery"),
             "-A",
-            "services.worker.io_app",
+            app,
             "worker",
             "--loglevel",
             "INFO",
             "--pool",
-            "threads",
+            pool,
             "--concurrency",
-            str(self.io_worker_concurrency),
+            str(concurrency),
             "--hostname",
             f"{name}-{self.queue_name}@%h",
             "--queues",
-            f"{self.queue_name}.io",
+            queue,
             "--without-gossip",
             "--without-mingle",
         ]
@@ -472,9 +462,10 @@ def main() -> None:
         started = f"  (data: {args.run_dir / 'redis'})" if "redis" in stack.pids else ""
         print(f"Redis   {stack.redis_url}{started}")
         print(f"Logs    {args.run_dir}/*.log   stop with: make stop")
-        for line in endpoint_notes(stack.env()):
+        env = stack.env()
+        for line in endpoint_notes(env):
             print(line)
-        if stack.env()["AUTH_DISABLED"].lower() == "true":
+        if env["AUTH_DISABLED"].lower() == "true":
             print(
                 "Auth    off (AUTH_DISABLED=true): no API keys, anyone who reaches this machine's "
                 f"{stack.api_url} can use it; the compose stack requires keys"
