@@ -42,6 +42,7 @@ from rich.text import Text
 
 from shared.apikeys import KeyRecord, Quotas, Role, issue_key
 from shared.client import FINAL_STATUSES, ApiError, ComparisonClient
+from shared.display import readable_number
 from shared.schemas import ComparisonRead, ComparisonStatus
 from shared.settings import get_settings
 from shared.store import ComparisonStore
@@ -670,13 +671,7 @@ def _duration(seconds: float) -> str:
 
 
 def _number(value: float | None) -> str:
-    if value is None:
-        return "—"
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    if abs(value) >= 100:
-        return f"{value:.1f}"
-    return f"{value:.3g}"
+    return readable_number(value, missing="—")
 
 
 def _metric_catalog(client: ComparisonClient) -> dict[str, dict[str, Any]]:

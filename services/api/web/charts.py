@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.display import readable_number
 from shared.metrics import MetricInfo
 
 
@@ -114,14 +115,4 @@ def metric_chart(name: str, info: MetricInfo | None, candidates: list[dict[str, 
 
 
 def fmt(value: float | None) -> str:
-    """Numbers as people read them: 3 significant digits, no exponent for everyday magnitudes."""
-    if value is None:
-        return "–"
-    if value == 0:
-        return "0"
-    magnitude = abs(value)
-    if magnitude >= 1000:
-        return f"{value:,.0f}"
-    if magnitude >= 0.001:
-        return f"{value:.3g}" if magnitude < 100 else f"{value:.1f}"
-    return f"{value:.2e}"
+    return readable_number(value)
