@@ -168,10 +168,15 @@ class WebhookContext:
         self.hooks = WebhookStore(self.store)
 
 
+def attempt_budget_s(settings: Settings) -> float:
+    """How long one attempt may take on the network, every redirect hop included."""
+    return settings.webhook_timeout_s * (settings.webhook_max_redirects + 1)
+
+
 def attempt_window_s(settings: Settings) -> float:
-    """How long one attempt may take, redirects included, with room to record it: while it runs
-    the due set holds the delivery this far ahead, and its lock lasts as long."""
-    return settings.webhook_timeout_s * (settings.webhook_max_redirects + 1) + 30
+    """An attempt's budget with room to record it: while it runs the due set holds the delivery
+    this far ahead, and its lock lasts as long."""
+    return attempt_budget_s(settings) + 30
 
 
 # ---------------------------------------------------------------------------------------- emit
@@ -331,7 +336,7 @@ def attempt_delivery(ctx: WebhookContext, record: DeliveryRecord) -> DeliveryAtt
     """Send the delivery once; never raises. The error says what a person would check."""
     started_at = datetime.now(UTC)
     started = time.monotonic()
-    deadline = started + ctx.settings.webhook_timeout_s * (ctx.settings.webhook_max_redirects + 1)
+    deadline = started + attempt_budget_s(ctx.settings)
     status: int | None = None
     error: str | None = None
     try:
